@@ -1,0 +1,108 @@
+"""The in-process limiter: the reference model kept in a dict, with bounded memory.
+
+Entries live in an OrderedDict ordered by last touch. Every decision drops a few expired entries
+from the cold end, so memory tracks the keys active within the longest window, and the cost of a
+decision stays flat however many keys are live.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from gateway.limiter.base import Decision, KeyState, Rate
+
+_SWEEP_PER_CALL = 4
+
+
+class _Entry:
+    __slots__ = ("calls", "expires_at", "locked_until")
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+        self.locked_until = 0.0
+        self.expires_at = 0.0
+
+
+class MemoryLimiter:
+    """Exact for one process. The clock is injectable; `now` overrides it per call."""
+
+    name = "memory"
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def decide(self, key: str, rate: Rate, now: float | None = None) -> Decision:
+        return self.decide_now(key, rate, self._clock() if now is None else now)
+
+    def decide_now(self, key: str, rate: Rate, t: float) -> Decision:
+        """The synchronous decision, also used by the Redis store's fallback and lock cache."""
+        self._sweep(t, _SWEEP_PER_CALL)
+        entries = self._entries
+        entry = entries.get(key)
+        if entry is None:
+            entry = entries[key] = _Entry()
+        else:
+            entries.move_to_end(key)
+        window = rate.per
+        calls = entry.calls
+        horizon = t - window
+        while calls and calls[0] <= horizon:
+            del calls[0]
+
+        if t < entry.locked_until:
+            allowed, retry_after = False, entry.locked_until - t
+        elif len(calls) < rate.limit:
+            allowed, retry_after = True, 0.0
+            calls.append(t)
+        else:
+            allowed, retry_after = False, calls[0] + window - t
+        if not allowed and rate.reset_on_early_retry:
+            entry.locked_until = t + window
+            retry_after = window
+
+        free_at = max(calls[-1] + window if calls else t, entry.locked_until)
+        entry.expires_at = free_at
+        if free_at <= t:
+            del entries[key]
+        remaining = 0 if t < entry.locked_until else max(rate.limit - len(calls), 0)
+        return Decision(allowed, retry_after, remaining, max(free_at - t, 0.0), t)
+
+    async def peek(self, key: str, rate: Rate, now: float | None = None) -> KeyState:
+        t = self._clock() if now is None else now
+        entry = self._entries.get(key)
+        if entry is None or entry.expires_at <= t:
+            return KeyState(0, 0.0, 0.0, t)
+        calls = [c for c in entry.calls if c > t - rate.per]
+        locked_until = entry.locked_until if entry.locked_until > t else 0.0
+        if locked_until:
+            retry_after = locked_until - t
+        elif len(calls) >= rate.limit:
+            retry_after = calls[0] + rate.per - t
+        else:
+            retry_after = 0.0
+        return KeyState(len(calls), locked_until, retry_after, t)
+
+    async def clear(self, key: str) -> bool:
+        return self._entries.pop(key, None) is not None
+
+    async def close(self) -> None:
+        self._entries.clear()
+
+    def sweep(self, now: float | None = None) -> None:
+        """Drop every expired entry (the per-decision sweep does this a few at a time)."""
+        self._sweep(self._clock() if now is None else now, len(self._entries))
+
+    def _sweep(self, t: float, budget: int) -> None:
+        entries = self._entries
+        while budget and entries:
+            key, entry = next(iter(entries.items()))
+            if entry.expires_at > t:
+                return
+            del entries[key]
+            budget -= 1

@@ -1,0 +1,5 @@
+"""Shared fixtures. Each support module owns one kind of real thing the tests start."""
+
+pytest_plugins = [
+    "tests.support.certs",
+]
