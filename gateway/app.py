@@ -1,0 +1,186 @@
+"""The data plane: one request handler that reads top to bottom along the flow
+
+    identity -> route -> policy -> limiter decision -> forward upstream | fault
+
+`Gateway` owns the runtime state (settings, router, the current PolicySet, the limiter and the
+upstream sessions). It is served by aiohttp's low-level `web.Server` rather than a
+`web.Application`: the gateway has exactly one handler and no use for a router, middlewares or
+signals, and skipping them is measurably cheaper per request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import hdrs, web
+
+from gateway import faults
+from gateway.errors import UpstreamError
+from gateway.forward import BodyTooLarge, Upstreams
+from gateway.identity import ClientIdentity, IdentityCache
+from gateway.limiter.base import Decision, Limiter, limiter_key
+from gateway.policy import Policy, PolicySet, load_policies
+from gateway.routing import NoRoute, Router, Target
+from gateway.settings import Application, Settings
+
+access_log = logging.getLogger("gateway.access")
+log = logging.getLogger("gateway")
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one call, for the access log, metrics and the ledger."""
+
+    request_id: str
+    identity: ClientIdentity | None
+    application: str = ""
+    service: str = ""
+    decision: str = "forwarded"  # forwarded | allowed | rejected | shadow | exempt | refused
+    policy: str = ""
+    status: int = 0
+    upstream_status: int = 0
+    retry_after: float = 0.0
+
+
+class Gateway:
+    """Holds what a request needs; `policies` is swapped whole on reload."""
+
+    def __init__(self, settings: Settings, limiter: Limiter, policies: PolicySet | None = None,
+                 ) -> None:
+        self.settings = settings
+        self.router = Router(settings)
+        self.policies = policies if policies is not None else load_policies(settings)
+        self.limiter = limiter
+        self.upstreams = Upstreams(settings)
+        self.identities = IdentityCache()
+
+    async def start(self) -> None:
+        await self.upstreams.start()
+
+    async def close(self) -> None:
+        await self.upstreams.close()
+        await self.limiter.close()
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        outcome = Outcome(str(uuid.uuid4()), None)
+        try:
+            response = await self._handle(request, outcome)
+            outcome.status = response.status
+            return response
+        finally:
+            if self.settings.access_log:
+                self._log(outcome, time.perf_counter() - started)
+
+    async def _handle(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
+        content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+        identity = outcome.identity = self._identity(request)
+        if identity is None:  # unreachable with CERT_REQUIRED; kept as a last line of defence
+            return self._error(None, content_type, outcome, 403, "NO-CERTIFICATE",
+                               "A verified client certificate is required.")
+
+        target = self.router.route(request.method, request.raw_path.partition("?")[0],
+                                   request.query_string, request.headers.get("SOAPAction"),
+                                   content_type)
+        if isinstance(target, NoRoute):
+            outcome.decision = "refused"
+            return self._error(target.application, content_type, outcome, target.status,
+                               target.code, target.message)
+        app = target.application
+        outcome.application, outcome.service = app.name, target.service
+
+        policy = self.policies.match(app.name, target.service, request.method)
+        if policy is not None:
+            rejected = await self._decide(policy, identity, target, content_type, outcome)
+            if rejected is not None:
+                return rejected
+
+        max_body = app.max_body if app.max_body is not None else self.settings.limits.max_body
+        try:
+            response = await self.upstreams.forward(request, app, target.upstream_path, identity,
+                                                    outcome.request_id, max_body)
+        except BodyTooLarge:
+            return self._error(app, content_type, outcome, 413, "BODY-TOO-LARGE",
+                               f"The request body is larger than {max_body} bytes.")
+        except UpstreamError as exc:
+            return self._error(app, content_type, outcome, exc.status, "UPSTREAM-UNAVAILABLE",
+                               exc.reason)
+        outcome.upstream_status = response.status
+        return response
+
+    async def _decide(self, policy: Policy, identity: ClientIdentity, target: Target,
+                      content_type: str, outcome: Outcome) -> web.StreamResponse | None:
+        """Ask the limiter; the fault to send when the call is refused, else None."""
+        outcome.policy = policy.name
+        key_identity = identity.key(self.settings.identity)
+        rate = policy.rate_for(key_identity)
+        if rate is None:
+            outcome.decision = "exempt"
+            return None
+        key = limiter_key(key_identity, target.application.name, target.service)
+        decision: Decision = await self.limiter.decide(key, rate)
+        if decision.allowed:
+            outcome.decision = "allowed"
+            return None
+        outcome.retry_after = decision.retry_after
+        if policy.mode == "shadow" or self.settings.mode == "shadow":
+            outcome.decision = "shadow"
+            return None
+        outcome.decision = "rejected"
+        app = target.application
+        message = faults.render_message(policy.message, retry_after=decision.retry_after,
+                                        service=target.service, per=rate.per)
+        fault = faults.violation_fault(
+            faults.shape_for(app, content_type), policy_name=policy.name, message=message,
+            rate=rate, decision=decision, application=app.name, service=target.service,
+            request_id=outcome.request_id, status=app.fault_status)
+        return _respond(fault, outcome)
+
+    def _identity(self, request: web.BaseRequest) -> ClientIdentity | None:
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        return self.identities.get(der) if der else None
+
+    def _error(self, app: Application | None, content_type: str, outcome: Outcome, status: int,
+               code: str, message: str) -> web.Response:
+        if app is not None:
+            shape = faults.shape_for(app, content_type)
+        elif "soap+xml" in content_type:
+            shape = "soap12"
+        elif "xml" in content_type:
+            shape = "soap11"
+        else:
+            shape = "problem"
+        fault = faults.error_fault(shape, status=status, code=code, message=message,
+                                   application=outcome.application or None,
+                                   service=outcome.service or None,
+                                   request_id=outcome.request_id)
+        return _respond(fault, outcome)
+
+    def _log(self, outcome: Outcome, elapsed: float) -> None:
+        identity = outcome.identity
+        access_log.info(json.dumps({
+            "time": round(time.time(), 3),
+            "request_id": outcome.request_id,
+            "cn": identity.cn if identity else None,
+            "identity": identity.key(self.settings.identity) if identity else None,
+            "application": outcome.application,
+            "service": outcome.service,
+            "decision": outcome.decision,
+            "policy": outcome.policy,
+            "status": outcome.status,
+            "upstream_status": outcome.upstream_status or None,
+            "retry_after": round(outcome.retry_after, 3) if outcome.retry_after else None,
+            "latency_ms": round(elapsed * 1000, 3),
+        }, separators=(",", ":")))
+
+
+def _respond(fault: faults.Fault, outcome: Outcome) -> web.Response:
+    response = web.Response(status=fault.status, headers=fault.headers, body=fault.body)
+    response.headers["X-Request-Id"] = outcome.request_id
+    return response

@@ -1,0 +1,33 @@
+"""`aup-gateway check`: the same loaders the gateway runs, offline, every problem printed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from gateway.errors import ConfigError
+from gateway.policy import load_policies
+from gateway.settings import load_settings
+
+
+def check(config: Path, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Validate configuration and policies; 0 when both load, 1 with every error printed."""
+    try:
+        settings = load_settings(config)
+        policies = load_policies(settings)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=err)
+        print(f"{len(exc.problems)} error(s)", file=err)
+        return 1
+    print(f"ok: {config}: {len(settings.applications)} applications, "
+          f"{len(policies.policies)} policies from {len(policies.files)} files "
+          f"(version {policies.version})", file=out)
+    for policy in policies.policies:
+        rate = policy.rate
+        reset = ", resets on early retry" if rate.reset_on_early_retry else ""
+        print(f"  {policy.name}: {policy.application} {','.join(policy.services)} "
+              f"{rate.limit} per {rate.per:g}s{reset} [{policy.mode}]  ({policy.source})",
+              file=out)
+    return 0
