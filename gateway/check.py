@@ -11,8 +11,9 @@ from gateway.policy import load_policies
 from gateway.settings import load_settings
 
 
-def check(config: Path, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def check(config: Path, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Validate configuration and policies; 0 when both load, 1 with every error printed."""
+    out, err = out or sys.stdout, err or sys.stderr
     try:
         settings = load_settings(config)
         policies = load_policies(settings)

@@ -124,7 +124,9 @@ def _read_policy(f: Fields, settings: Settings) -> Policy | None:
     if not f.ok:
         return None
     name = f.value("name", str, "")
-    if name:
+    if not f.has("name"):
+        f.error("name", "is required")
+    elif name:
         f.context = f"policies[{name}]"
     application = f.value("application", str, "")
     app = settings.application(application) if application else None

@@ -99,7 +99,7 @@ class LedgerSettings:
     max_entries: int = 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Settings:
     source: Path
     tls: TlsSettings
@@ -115,17 +115,15 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     applications: dict[str, Application] = field(default_factory=dict)
 
+    _by_lower: dict[str, Application] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        lower = {name.lower(): app for name, app in self.applications.items()}
+        object.__setattr__(self, "_by_lower", lower)
+
     def application(self, name: str) -> Application | None:
         """Case-insensitive look-up: real URLs carry application names in lower case."""
         return self._by_lower.get(name.lower())
-
-    @property
-    def _by_lower(self) -> dict[str, Application]:
-        cache: dict[str, Application] | None = getattr(self, "_lower_cache", None)
-        if cache is None:
-            cache = {name.lower(): app for name, app in self.applications.items()}
-            object.__setattr__(self, "_lower_cache", cache)
-        return cache
 
 
 def load_settings(path: str | Path) -> Settings:
@@ -158,7 +156,9 @@ def _read_settings(top: Fields, source: Path) -> Settings | None:
     base = source.parent
 
     def path_of(fields: Fields, key: str, required: bool = True) -> Path | None:
-        text = fields.value(key, str) if required else fields.value(key, str, None)
+        if required and not fields.has(key):
+            fields.error(key, "is required")
+        text = fields.value(key, str, None)
         return None if text is None else (base / text)
 
     listen = Listen()
