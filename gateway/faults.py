@@ -1,0 +1,520 @@
+"""Decisions and errors -> the fault response the caller's protocol expects (pure, no I/O).
+
+Owns the four fault shapes (SOAP 1.1, SOAP 1.2, RFC 9457 problem+json, the CRR REST `errorList`),
+the rate-limit headers, and the rendering of a policy's message template.
+
+Bodies are rendered from templates fixed at import time: per request it is string formatting of
+escaped values, never an XML tree. Pieces that depend only on the policy (the
+`RateLimit-Policy` value, the escaped policy name, the compiled message) can be computed once per
+policy with `prepare_policy` and handed to `violation_fault`.
+
+Every value that reaches XML is escaped by `xml_text` (the service name comes from the URL and is
+attacker-controlled); every value that reaches JSON goes through `json.dumps`; every value that
+reaches a header is reduced to printable ASCII.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Literal
+
+from gateway.limiter.base import Decision, Rate
+from gateway.settings import Application
+
+FaultShape = Literal["soap11", "soap12", "problem", "errorlist"]
+
+SOAP11_NS = "http://schemas.xmlsoap.org/soap/envelope/"
+SOAP12_NS = "http://www.w3.org/2003/05/soap-envelope"
+STANDARD_OUTPUT_NS = "http://www.caiso.com/soa/2006-06-13/StandardOutput.xsd"
+PROBLEM_BASE = "https://aup-gateway.example/problems/"
+
+SOAP11_CONTENT_TYPE = "text/xml; charset=utf-8"
+SOAP12_CONTENT_TYPE = "application/soap+xml; charset=utf-8"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+ERRORLIST_CONTENT_TYPE = "application/json; charset=utf-8"
+
+VIOLATION_CODE = "AUP-VIOLATION"
+VIOLATION_TITLE = "Acceptable Use Policy violation"
+# The operator's own REST code for "too many requests": CRR clients already handle it.
+ERRORLIST_VIOLATION_CODE = "GEN0003"
+
+# Error codes for `error_fault`, with the status each is meant for.
+UNKNOWN_APPLICATION = "AUP-UNKNOWN-APPLICATION"  # 404
+NOT_PROVISIONED = "AUP-NOT-PROVISIONED"  # 403
+BAD_REQUEST = "AUP-BAD-REQUEST"  # 400 (malformed or hostile XML, bad headers)
+BODY_TOO_LARGE = "AUP-BODY-TOO-LARGE"  # 413
+UPSTREAM_UNAVAILABLE = "AUP-UPSTREAM-UNAVAILABLE"  # 502
+UPSTREAM_TIMEOUT = "AUP-UPSTREAM-TIMEOUT"  # 504
+STORE_UNAVAILABLE = "AUP-STORE-UNAVAILABLE"  # 503
+
+MESSAGE_FIELDS = ("retry_after", "service", "per")
+
+# Floats from the store carry noise (29.999999999 for 30): treat values this close to an integer
+# as that integer, so the header, the text and the XML all say the same number.
+_EPSILON = 1e-6
+
+_XML_UNSAFE = re.compile("[&<>\r\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_MESSAGE_FIELD = re.compile(r"\{(retry_after|service|per)\}")
+_HEADER_UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
+_SLUG_UNSAFE = re.compile(r"[^a-z0-9]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A complete response: status, headers (Content-Type included) and body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+# --- templates ---------------------------------------------------------------------------------
+# Placeholders are str.format fields; every value substituted is already escaped for its context,
+# and substituted values are never re-parsed, so braces inside them are harmless.
+
+_EVENT_LOG = (
+    '<outputDataType xmlns="' + STANDARD_OUTPUT_NS + '"><EventLog><Event>'
+    "<result>Failure</result><code>{code}</code><id>{request_id}</id>"
+    "<description>{message}</description><creationTime>{created}</creationTime>{retry}"
+    "</Event><Service><name>{service}</name><application>{application}</application></Service>"
+    "</EventLog></outputDataType>"
+)
+
+_SOAP11 = (
+    '<?xml version="1.0" encoding="UTF-8"?>'
+    '<soapenv:Envelope xmlns:soapenv="' + SOAP11_NS + '"><soapenv:Body><soapenv:Fault>'
+    "<faultcode>soapenv:{fault_code}</faultcode><faultstring>{message}</faultstring>"
+    "<detail>" + _EVENT_LOG + "</detail>"
+    "</soapenv:Fault></soapenv:Body></soapenv:Envelope>"
+)
+
+_SOAP12 = (
+    '<?xml version="1.0" encoding="UTF-8"?>'
+    '<env:Envelope xmlns:env="' + SOAP12_NS + '"><env:Body><env:Fault>'
+    "<env:Code><env:Value>env:{fault_code}</env:Value></env:Code>"
+    '<env:Reason><env:Text xml:lang="en">{message}</env:Text></env:Reason>'
+    "<env:Detail>" + _EVENT_LOG + "</env:Detail>"
+    "</env:Fault></env:Body></env:Envelope>"
+)
+
+_RETRY_ELEMENT = "<retryAfter>{}</retryAfter>"
+
+# JSON fields below are substituted already encoded by json.dumps.
+_PROBLEM_VIOLATION = (
+    '{{"type":"' + PROBLEM_BASE + 'aup-violation","title":"' + VIOLATION_TITLE + '",'
+    '"status":{status},"detail":{detail},"policy":{policy},"service":{service},'
+    '"application":{application},"retry_after":{retry_after},"request_id":{request_id}}}'
+)
+
+_ERRORLIST = (
+    '{{"errorList":[{{"errorCode":{code},"errorDescription":{message},"severity":"ERROR"}}]}}'
+)
+
+
+# --- escaping and numbers ----------------------------------------------------------------------
+
+
+def _xml_sub(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "&":
+        return "&amp;"
+    if char == "<":
+        return "&lt;"
+    if char == ">":
+        return "&gt;"
+    if char == "\r":
+        return "&#13;"  # a literal CR would be normalised away by the parser
+    # Not allowed in XML 1.0 at all, not even as a character reference.
+    return "\ufffd"
+
+
+def xml_text(value: str) -> str:
+    """`value` made safe as XML character data: markup escaped, forbidden characters replaced."""
+    if _XML_UNSAFE.search(value) is None:
+        return value
+    return _XML_UNSAFE.sub(_xml_sub, value)
+
+
+def _sf_string(value: str) -> str:
+    """`value` as a Structured Field String (RFC 8941): quoted, printable ASCII only."""
+
+    def sub(match: re.Match[str]) -> str:
+        char = match.group()
+        return "\\" + char if char in '"\\' else "?"
+
+    return '"' + _HEADER_UNSAFE.sub(sub, value) + '"'
+
+
+def retry_after_seconds(retry_after: float) -> int:
+    """The whole seconds a client is told to wait: rounded up, at least 1.
+
+    `Retry-After`, the message's `{retry_after}`, the XML `retryAfter` and the JSON
+    `retry_after` all use this, so they always agree.
+    """
+    return max(1, math.ceil(retry_after - _EPSILON))
+
+
+def seconds_text(seconds: float) -> str:
+    """A duration for people: "30" for 30.0, "0.5" for 0.5, "1.25" for 1.25."""
+    nearest = round(seconds)
+    if abs(seconds - nearest) < _EPSILON:
+        return str(int(nearest))
+    return f"{seconds:.3f}".rstrip("0").rstrip(".")
+
+
+def iso_time(epoch: float) -> str:
+    """Epoch seconds as ISO 8601 UTC with milliseconds, e.g. 2024-05-01T12:00:00.250Z."""
+    stamp = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+
+def render_message(template: str, *, retry_after: float, service: str, per: float) -> str:
+    """Fill a policy's message template.
+
+    Only `{retry_after}`, `{service}` and `{per}` are fields; any other brace text stays as
+    written (the template is operator text, not a format string, so no attribute look-ups).
+    `retry_after` is whole seconds rounded up, matching `Retry-After`; `per` is exact
+    (30.0 -> "30", 0.5 -> "0.5"). The result is plain text: the fault escapes it.
+    """
+    values = {
+        "retry_after": str(retry_after_seconds(retry_after)),
+        "service": service,
+        "per": seconds_text(per),
+    }
+    return _MESSAGE_FIELD.sub(lambda m: values[m.group(1)], template)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageTemplate:
+    """A message template split once into literal text and fields, for the hot path."""
+
+    parts: tuple[str, ...]  # literal, field, literal, field, ..., literal
+    per_text: str
+    constant: str | None  # the whole message when it needs nothing from the request
+
+    def render(self, *, retry_after: float, service: str) -> str:
+        if self.constant is not None:
+            return self.constant
+        out: list[str] = []
+        for index, part in enumerate(self.parts):
+            if index % 2 == 0:
+                out.append(part)
+            elif part == "per":
+                out.append(self.per_text)
+            elif part == "service":
+                out.append(service)
+            else:
+                out.append(str(retry_after_seconds(retry_after)))
+        return "".join(out)
+
+
+def compile_message(template: str, per: float) -> MessageTemplate:
+    """Split `template` once; `render` then gives the same text as `render_message`."""
+    parts = tuple(_MESSAGE_FIELD.split(template))
+    per_text = seconds_text(per)
+    constant = None
+    if all(field == "per" for field in parts[1::2]):
+        constant = "".join(per_text if i % 2 else part for i, part in enumerate(parts))
+    return MessageTemplate(parts, per_text, constant)
+
+
+def unknown_message_fields(template: str) -> list[str]:
+    """Brace fields in `template` that are not message fields (likely typos, for `check`)."""
+    found = re.findall(r"\{([^{}]*)\}", template)
+    return [name for name in found if name not in MESSAGE_FIELDS]
+
+
+# --- headers -----------------------------------------------------------------------------------
+
+
+def policy_header(policy_name: str, rate: Rate) -> str:
+    """The `RateLimit-Policy` value for one policy (draft-ietf-httpapi-ratelimit-headers).
+
+    `w` is an Integer in the draft, so a sub-second window is advertised as 1.
+    `x-reset-on-early-retry` is a vendor parameter (clients ignore parameters they do not know)
+    telling clients that an early retry restarts the wait.
+    """
+    window = max(1, math.ceil(rate.per - _EPSILON))
+    value = f"{_sf_string(policy_name)};q={rate.limit};w={window}"
+    if rate.reset_on_early_retry:
+        value += ";x-reset-on-early-retry"
+    return value
+
+
+def _rate_limit_value(name_sf: str, decision: Decision) -> str:
+    # On a rejection `t` is the wait until a call is possible again, the same number as
+    # Retry-After, so no header contradicts another; when allowed, when the window is free.
+    if decision.allowed:
+        reset = max(0, math.ceil(decision.reset_after - _EPSILON))
+    else:
+        reset = retry_after_seconds(decision.retry_after)
+    remaining = 0 if not decision.allowed else max(0, decision.remaining)
+    return f"{name_sf};r={remaining};t={reset}"
+
+
+def rate_limit_headers(policy_name: str, rate: Rate, decision: Decision) -> dict[str, str]:
+    """`RateLimit-Policy` and `RateLimit` for any decision, plus `Retry-After` on a rejection.
+
+    e.g. `RateLimit-Policy: "oms-retrieve";q=1;w=5` and `RateLimit: "oms-retrieve";r=0;t=5`.
+    """
+    return _headers(_sf_string(policy_name), policy_header(policy_name, rate), decision)
+
+
+def _headers(name_sf: str, policy_value: str, decision: Decision) -> dict[str, str]:
+    headers = {
+        "RateLimit-Policy": policy_value,
+        "RateLimit": _rate_limit_value(name_sf, decision),
+    }
+    if not decision.allowed:
+        headers["Retry-After"] = str(retry_after_seconds(decision.retry_after))
+    return headers
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedPolicy:
+    """Everything about a policy's faults that does not change per request."""
+
+    name: str
+    rate: Rate
+    message: MessageTemplate
+    name_sf: str
+    policy_header: str
+    name_json: str
+
+    def render_message(self, *, retry_after: float, service: str) -> str:
+        return self.message.render(retry_after=retry_after, service=service)
+
+    def headers(self, decision: Decision) -> dict[str, str]:
+        """`rate_limit_headers` for this policy, without recomputing the policy part."""
+        return _headers(self.name_sf, self.policy_header, decision)
+
+
+def prepare_policy(policy_name: str, rate: Rate, message: str = "") -> PreparedPolicy:
+    """Compute a policy's fault pieces once (at policy load), for `violation_fault(prepared=)`."""
+    return PreparedPolicy(
+        name=policy_name,
+        rate=rate,
+        message=compile_message(message, rate.per),
+        name_sf=_sf_string(policy_name),
+        policy_header=policy_header(policy_name, rate),
+        name_json=json.dumps(policy_name),
+    )
+
+
+# --- shapes ------------------------------------------------------------------------------------
+
+
+def shape_for(app: Application | None, content_type: str) -> FaultShape:
+    """The fault shape for a request: the application's setting, else from the protocol.
+
+    SOAP applications answer SOAP 1.2 to `application/soap+xml` requests (also inside a
+    `multipart/related` package: SwA `type=` or MTOM `start-info=`), SOAP 1.1 otherwise; REST
+    applications answer problem+json. With no application (unknown ones), the content type alone
+    decides: SOAP for SOAP requests, problem+json for everything else.
+    """
+    if app is not None:
+        if app.faults != "auto":
+            return app.faults
+        if app.protocol == "rest":
+            return "problem"
+    lowered = content_type.lower()
+    media = lowered.partition(";")[0].strip()
+    if media == "application/soap+xml":
+        return "soap12"
+    if media == "multipart/related" and "application/soap+xml" in lowered:
+        return "soap12"
+    if app is not None or media in ("text/xml", "multipart/related"):
+        return "soap11"
+    return "problem"
+
+
+def _default_violation_status(shape: FaultShape) -> int:
+    if shape == "soap11":
+        return 500  # the SOAP 1.1 HTTP binding (WS-I BP R1126): every fault is a 500
+    if shape == "soap12":
+        return 400  # the SOAP 1.2 HTTP binding: env:Sender faults are 400
+    return 429
+
+
+def _soap(
+    shape: FaultShape,
+    *,
+    sender: bool,
+    code: str,
+    message: str,
+    request_id: str,
+    created: float,
+    retry_after: int | None,
+    service: str,
+    application: str,
+) -> bytes:
+    if shape == "soap11":
+        template, fault_code = _SOAP11, ("Client" if sender else "Server")
+    else:
+        template, fault_code = _SOAP12, ("Sender" if sender else "Receiver")
+    text = template.format(
+        fault_code=fault_code,
+        code=xml_text(code),
+        request_id=xml_text(request_id),
+        message=xml_text(message),
+        created=iso_time(created),
+        retry="" if retry_after is None else _RETRY_ELEMENT.format(retry_after),
+        service=xml_text(service),
+        application=xml_text(application),
+    )
+    # errors="replace" is a last guard; xml_text already removed every unencodable character.
+    return text.encode("utf-8", "replace")
+
+
+def _content_type(shape: FaultShape) -> str:
+    if shape == "soap11":
+        return SOAP11_CONTENT_TYPE
+    if shape == "soap12":
+        return SOAP12_CONTENT_TYPE
+    if shape == "problem":
+        return PROBLEM_CONTENT_TYPE
+    return ERRORLIST_CONTENT_TYPE
+
+
+def _errorlist(code: str, message: str) -> bytes:
+    return _ERRORLIST.format(code=json.dumps(code), message=json.dumps(message)).encode()
+
+
+def violation_fault(
+    shape: FaultShape,
+    *,
+    policy_name: str,
+    message: str,
+    rate: Rate,
+    decision: Decision,
+    application: str,
+    service: str,
+    request_id: str,
+    status: int | None = None,
+    prepared: PreparedPolicy | None = None,
+) -> Fault:
+    """The fault for a rejected call, with `Retry-After`, `RateLimit-Policy` and `RateLimit`.
+
+    Default statuses, each the one its binding gives a client error:
+    - soap11: 500 with `soapenv:Client` (the SOAP 1.1 binding sends every fault as 500, and the
+      operator's clients read the fault detail on 500);
+    - soap12: 400 with `env:Sender` (the SOAP 1.2 HTTP binding maps Sender faults to 400);
+    - problem, errorlist: 429.
+    `status` (the application's `fault_status`) overrides it. `message` is the rendered policy
+    message; `prepared` (from `prepare_policy` for the same policy) skips per-policy work.
+    """
+    final_status = _default_violation_status(shape) if status is None else status
+    wait = retry_after_seconds(decision.retry_after)
+    if prepared is not None:
+        headers = prepared.headers(decision)
+        name_json = prepared.name_json
+    else:
+        headers = rate_limit_headers(policy_name, rate, decision)
+        name_json = json.dumps(policy_name)
+    headers["Content-Type"] = _content_type(shape)
+
+    if shape == "soap11" or shape == "soap12":
+        body = _soap(
+            shape,
+            sender=True,  # the caller's behaviour is at fault, whatever status is configured
+            code=VIOLATION_CODE,
+            message=message,
+            request_id=request_id,
+            created=decision.now,
+            retry_after=wait,
+            service=service,
+            application=application,
+        )
+    elif shape == "problem":
+        body = _PROBLEM_VIOLATION.format(
+            status=final_status,
+            detail=json.dumps(message),
+            policy=name_json,
+            service=json.dumps(service),
+            application=json.dumps(application),
+            retry_after=wait,
+            request_id=json.dumps(request_id),
+        ).encode()
+    else:
+        body = _errorlist(ERRORLIST_VIOLATION_CODE, message)
+    return Fault(final_status, headers, body)
+
+
+def _problem_slug(code: str) -> str:
+    slug = _SLUG_UNSAFE.sub("-", code.lower()).strip("-")
+    return slug.removeprefix("aup-") or "error"
+
+
+def _title(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def error_fault(
+    shape: FaultShape,
+    *,
+    status: int,
+    code: str,
+    message: str,
+    application: str | None,
+    service: str | None,
+    request_id: str,
+    retry_after: float | None = None,
+    now: float | None = None,
+) -> Fault:
+    """The fault for a refused request that no policy decided (see the error codes above).
+
+    `status` is used as given, in every shape; SOAP faults are Client/Sender for 4xx and
+    Server/Receiver for 5xx. Note that SOAP 1.1 stacks (JAX-WS, WCF) parse a fault body only on
+    500 (JAX-WS also on 400), so a 403/404/413 reaches a typed client as a transport error with
+    the status line; pass 500 for soap11 if the description must reach the client.
+    `retry_after` adds `Retry-After` (e.g. for 503). `now` stamps the SOAP `creationTime`
+    (defaults to the local clock: the timestamp is informational, not a decision).
+    """
+    headers = {"Content-Type": _content_type(shape)}
+    wait = None if retry_after is None else retry_after_seconds(retry_after)
+    if wait is not None:
+        headers["Retry-After"] = str(wait)
+
+    if shape == "soap11" or shape == "soap12":
+        body = _soap(
+            shape,
+            sender=status < 500,
+            code=code,
+            message=message,
+            request_id=request_id,
+            created=time.time() if now is None else now,
+            retry_after=wait,
+            service=service or "",
+            application=application or "",
+        )
+    elif shape == "problem":
+        problem: dict[str, object] = {
+            "type": PROBLEM_BASE + _problem_slug(code),
+            "title": _title(status),
+            "status": status,
+            "detail": message,
+            "code": code,
+        }
+        if application is not None:
+            problem["application"] = application
+        if service is not None:
+            problem["service"] = service
+        if wait is not None:
+            problem["retry_after"] = wait
+        problem["request_id"] = request_id
+        body = json.dumps(problem, separators=(",", ":")).encode()
+    else:
+        body = _errorlist(code, message)
+    return Fault(status, headers, body)

@@ -1,0 +1,504 @@
+"""Faults as the market's clients read them: every SOAP body parsed with a real XML parser and
+checked field by field, the JSON shapes member by member, and the rate-limit headers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import cast
+from xml.etree.ElementTree import Element
+
+import defusedxml.ElementTree as SafeET
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.faults import (
+    BODY_TOO_LARGE,
+    NOT_PROVISIONED,
+    STORE_UNAVAILABLE,
+    UNKNOWN_APPLICATION,
+    UPSTREAM_TIMEOUT,
+    Fault,
+    compile_message,
+    error_fault,
+    policy_header,
+    prepare_policy,
+    rate_limit_headers,
+    render_message,
+    retry_after_seconds,
+    seconds_text,
+    shape_for,
+    unknown_message_fields,
+    violation_fault,
+    xml_text,
+)
+from gateway.limiter.base import Decision, Rate
+from gateway.settings import Application, Protocol
+from gateway.settings import FaultShape as SettingsShape
+
+SOAP11 = "{http://schemas.xmlsoap.org/soap/envelope/}"
+SOAP12 = "{http://www.w3.org/2003/05/soap-envelope}"
+SO = "{http://www.caiso.com/soa/2006-06-13/StandardOutput.xsd}"
+XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+
+DRRS_TEMPLATE = (
+    "CAISO DRRS Acceptable Use Policy Violation. Please retry your request again in {per} "
+    "seconds from now. Note: Time resets each time you request before expiration."
+)
+DRRS_MESSAGE = (
+    "CAISO DRRS Acceptable Use Policy Violation. Please retry your request again in 30 seconds "
+    "from now. Note: Time resets each time you request before expiration."
+)
+DRRS_RATE = Rate(limit=1, per=30.0, reset_on_early_retry=True)
+OMS_RATE = Rate(limit=1, per=5.0)
+NOW = 1714564800.25  # 2024-05-01T12:00:00.250Z
+# Store arithmetic leaves noise: 30 s must still say 30, not 31.
+DRRS_REJECT = Decision(
+    allowed=False, retry_after=30.000000001, remaining=0, reset_after=30.0, now=NOW
+)
+SERVICE = "RetrieveDRLocations_DRRSv2_AP"
+
+
+def drrs_fault(shape: str, **overrides: object) -> Fault:
+    args: dict[str, object] = dict(
+        policy_name="drrs-per-service",
+        message=DRRS_MESSAGE,
+        rate=DRRS_RATE,
+        decision=DRRS_REJECT,
+        application="DRRS",
+        service=SERVICE,
+        request_id="req-7f3a",
+    )
+    args.update(overrides)
+    return violation_fault(shape, **args)  # type: ignore[arg-type]
+
+
+def parse(body: bytes) -> Element:
+    root: Element = SafeET.fromstring(body)
+    return root
+
+
+def one(parent: Element, path: str) -> Element:
+    found = parent.find(path)
+    assert found is not None, f"{path} missing"
+    return found
+
+
+def event_of(detail: Element) -> Element:
+    output = one(detail, f"{SO}outputDataType")
+    return one(output, f"{SO}EventLog/{SO}Event")
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+
+def test_render_message_drrs_text_exactly() -> None:
+    text = render_message(DRRS_TEMPLATE, retry_after=12.3, service=SERVICE, per=30.0)
+    assert text == DRRS_MESSAGE
+
+
+@pytest.mark.parametrize(
+    ("per", "expected"), [(30.0, "30"), (0.5, "0.5"), (5, "5"), (1.25, "1.25"), (29.9999999, "30")]
+)
+def test_per_rendered_exactly(per: float, expected: str) -> None:
+    assert render_message("{per}", retry_after=1, service="s", per=per) == expected
+    assert seconds_text(per) == expected
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "expected"),
+    [(29.2, "30"), (30.0, "30"), (30.000000001, "30"), (0.2, "1"), (0.0, "1"), (4.0001, "5")],
+)
+def test_retry_after_rounded_up_at_least_one(retry_after: float, expected: str) -> None:
+    assert render_message("{retry_after}", retry_after=retry_after, service="s", per=5) == expected
+
+
+def test_template_is_not_a_format_string() -> None:
+    template = "{service.__class__} {0} {retry_after} {{per}} {unknown} in {service}"
+    text = render_message(template, retry_after=4.5, service="Svc", per=5)
+    assert text == "{service.__class__} {0} 5 {5} {unknown} in Svc"
+    assert unknown_message_fields(template) == ["service.__class__", "0", "unknown"]
+    assert unknown_message_fields(DRRS_TEMPLATE) == []
+
+
+@given(
+    template=st.lists(
+        st.sampled_from(["{per}", "{service}", "{retry_after}", "x{", "}y", "{{", "é", " "]),
+        max_size=10,
+    ).map("".join),
+    retry_after=st.floats(min_value=0, max_value=1e5),
+    per=st.floats(min_value=0.001, max_value=1e5),
+)
+def test_compiled_message_equals_render_message(
+    template: str, retry_after: float, per: float
+) -> None:
+    compiled = compile_message(template, per)
+    expected = render_message(template, retry_after=retry_after, service="S<&>", per=per)
+    assert compiled.render(retry_after=retry_after, service="S<&>") == expected
+
+
+def test_compiled_constant_message_precomputed() -> None:
+    assert compile_message(DRRS_TEMPLATE, 30.0).constant == DRRS_MESSAGE
+    assert compile_message("wait {retry_after}", 30.0).constant is None
+
+
+# --- headers -----------------------------------------------------------------------------------
+
+
+def test_rate_limit_headers_on_rejection() -> None:
+    headers = rate_limit_headers("oms-retrieve", OMS_RATE, Decision(False, 3.2, 0, 3.2, NOW))
+    assert headers == {
+        "RateLimit-Policy": '"oms-retrieve";q=1;w=5',
+        "RateLimit": '"oms-retrieve";r=0;t=4',
+        "Retry-After": "4",
+    }
+
+
+def test_rate_limit_headers_when_allowed_have_no_retry_after() -> None:
+    headers = rate_limit_headers("crr", Rate(10, 60.0), Decision(True, 0.0, 7, 42.5, NOW))
+    assert headers == {"RateLimit-Policy": '"crr";q=10;w=60', "RateLimit": '"crr";r=7;t=43'}
+
+
+def test_reset_parameter_and_sub_second_window() -> None:
+    assert policy_header("drrs", DRRS_RATE) == '"drrs";q=1;w=30;x-reset-on-early-retry'
+    assert policy_header("fast", Rate(2, 0.5)) == '"fast";q=2;w=1'
+
+
+@pytest.mark.parametrize("retry_after", [0.001, 0.5, 1.0, 1.0000001, 4.2, 29.99, 3600.4])
+def test_retry_after_header_is_ceil_min_one(retry_after: float) -> None:
+    headers = rate_limit_headers("p", OMS_RATE, Decision(False, retry_after, 0, retry_after, NOW))
+    expected = max(1, math.ceil(retry_after - 1e-6))
+    assert headers["Retry-After"] == str(expected)
+    assert headers["RateLimit"] == f'"p";r=0;t={expected}'
+    assert retry_after_seconds(retry_after) == expected
+
+
+def test_policy_name_is_a_safe_structured_string() -> None:
+    value = policy_header('we"ird\\name\r\nX-Injected: 1é', OMS_RATE)
+    assert value == '"we\\"ird\\\\name??X-Injected: 1?";q=1;w=5'
+    assert all(0x20 <= ord(c) <= 0x7E for c in value)
+
+
+def test_prepared_policy_gives_identical_faults() -> None:
+    prepared = prepare_policy("drrs-per-service", DRRS_RATE, DRRS_TEMPLATE)
+    assert prepared.render_message(retry_after=7, service=SERVICE) == DRRS_MESSAGE
+    for shape in ("soap11", "soap12", "problem", "errorlist"):
+        assert drrs_fault(shape, prepared=prepared) == drrs_fault(shape)
+
+
+# --- SOAP 1.1 ----------------------------------------------------------------------------------
+
+
+def test_soap11_violation_field_by_field() -> None:
+    fault = drrs_fault("soap11")
+    assert fault.status == 500
+    assert fault.headers["Content-Type"] == "text/xml; charset=utf-8"
+    assert fault.headers["Retry-After"] == "30"
+    assert fault.headers["RateLimit-Policy"] == (
+        '"drrs-per-service";q=1;w=30;x-reset-on-early-retry'
+    )
+    assert fault.headers["RateLimit"] == '"drrs-per-service";r=0;t=30'
+
+    envelope = parse(fault.body)
+    assert envelope.tag == f"{SOAP11}Envelope"
+    soap_fault = one(envelope, f"{SOAP11}Body/{SOAP11}Fault")
+    # SOAP 1.1 fault children are unqualified.
+    assert one(soap_fault, "faultcode").text == "soapenv:Client"
+    assert b'xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"' in fault.body
+    assert one(soap_fault, "faultstring").text == DRRS_MESSAGE
+    detail = one(soap_fault, "detail")
+    event = event_of(detail)
+    # The exact path typed clients read.
+    description = one(detail, f"{SO}outputDataType/{SO}EventLog/{SO}Event/{SO}description")
+    assert description.text == DRRS_MESSAGE
+    assert one(event, f"{SO}result").text == "Failure"
+    assert one(event, f"{SO}code").text == "AUP-VIOLATION"
+    assert one(event, f"{SO}id").text == "req-7f3a"
+    assert one(event, f"{SO}creationTime").text == "2024-05-01T12:00:00.250Z"
+    assert one(event, f"{SO}retryAfter").text == "30"
+    service = one(detail, f"{SO}outputDataType/{SO}EventLog/{SO}Service")
+    assert one(service, f"{SO}name").text == SERVICE
+    assert one(service, f"{SO}application").text == "DRRS"
+
+
+def test_soap11_status_override_keeps_client_fault() -> None:
+    fault = drrs_fault("soap11", status=429)
+    assert fault.status == 429
+    assert one(parse(fault.body), f"{SOAP11}Body/{SOAP11}Fault/faultcode").text == "soapenv:Client"
+
+
+def test_soap11_error_faults_client_and_server() -> None:
+    refused = error_fault(
+        "soap11",
+        status=403,
+        code=NOT_PROVISIONED,
+        message="Not provisioned for DRRS",
+        application="DRRS",
+        service=SERVICE,
+        request_id="r1",
+        now=NOW,
+    )
+    assert refused.status == 403
+    assert "Retry-After" not in refused.headers
+    body = parse(refused.body)
+    assert one(body, f"{SOAP11}Body/{SOAP11}Fault/faultcode").text == "soapenv:Client"
+    event = event_of(one(body, f"{SOAP11}Body/{SOAP11}Fault/detail"))
+    assert one(event, f"{SO}code").text == NOT_PROVISIONED
+    assert one(event, f"{SO}description").text == "Not provisioned for DRRS"
+    assert event.find(f"{SO}retryAfter") is None
+
+    timeout = error_fault(
+        "soap11",
+        status=504,
+        code=UPSTREAM_TIMEOUT,
+        message="Upstream timed out",
+        application="OMS",
+        service="RetrieveX_OMSv1_AP",
+        request_id="r2",
+        now=NOW,
+    )
+    body = parse(timeout.body)
+    assert timeout.status == 504
+    assert one(body, f"{SOAP11}Body/{SOAP11}Fault/faultcode").text == "soapenv:Server"
+
+
+def test_soap_error_without_application_or_service() -> None:
+    fault = error_fault(
+        "soap11",
+        status=404,
+        code=UNKNOWN_APPLICATION,
+        message="No such app",
+        application=None,
+        service=None,
+        request_id="r3",
+        now=NOW,
+    )
+    detail = one(parse(fault.body), f"{SOAP11}Body/{SOAP11}Fault/detail")
+    service = one(detail, f"{SO}outputDataType/{SO}EventLog/{SO}Service")
+    assert one(service, f"{SO}name").text is None
+    assert one(service, f"{SO}application").text is None
+
+
+# --- SOAP 1.2 ----------------------------------------------------------------------------------
+
+
+def test_soap12_violation_field_by_field() -> None:
+    fault = drrs_fault("soap12")
+    assert fault.status == 400
+    assert fault.headers["Content-Type"] == "application/soap+xml; charset=utf-8"
+    assert fault.headers["Retry-After"] == "30"
+    envelope = parse(fault.body)
+    assert envelope.tag == f"{SOAP12}Envelope"
+    soap_fault = one(envelope, f"{SOAP12}Body/{SOAP12}Fault")
+    assert one(soap_fault, f"{SOAP12}Code/{SOAP12}Value").text == "env:Sender"
+    text = one(soap_fault, f"{SOAP12}Reason/{SOAP12}Text")
+    assert text.text == DRRS_MESSAGE
+    assert text.get(XML_LANG) == "en"
+    event = event_of(one(soap_fault, f"{SOAP12}Detail"))
+    assert one(event, f"{SO}description").text == DRRS_MESSAGE
+    assert one(event, f"{SO}retryAfter").text == "30"
+
+
+def test_soap12_receiver_for_5xx() -> None:
+    fault = error_fault(
+        "soap12",
+        status=503,
+        code=STORE_UNAVAILABLE,
+        message="Try later",
+        application="OMS",
+        service="S",
+        request_id="r",
+        retry_after=0.3,
+        now=NOW,
+    )
+    assert fault.status == 503
+    assert fault.headers["Retry-After"] == "1"
+    soap_fault = one(parse(fault.body), f"{SOAP12}Body/{SOAP12}Fault")
+    assert one(soap_fault, f"{SOAP12}Code/{SOAP12}Value").text == "env:Receiver"
+    assert one(event_of(one(soap_fault, f"{SOAP12}Detail")), f"{SO}retryAfter").text == "1"
+
+
+# --- JSON shapes -------------------------------------------------------------------------------
+
+
+def test_problem_violation_members() -> None:
+    fault = drrs_fault("problem")
+    assert fault.status == 429
+    assert fault.headers["Content-Type"] == "application/problem+json"
+    assert fault.headers["Retry-After"] == "30"
+    assert json.loads(fault.body) == {
+        "type": "https://aup-gateway.example/problems/aup-violation",
+        "title": "Acceptable Use Policy violation",
+        "status": 429,
+        "detail": DRRS_MESSAGE,
+        "policy": "drrs-per-service",
+        "service": SERVICE,
+        "application": "DRRS",
+        "retry_after": 30,
+        "request_id": "req-7f3a",
+    }
+
+
+def test_problem_error_members() -> None:
+    fault = error_fault(
+        "problem",
+        status=413,
+        code=BODY_TOO_LARGE,
+        message="Body over 64 MiB",
+        application="CRR",
+        service="portfolioSubmission",
+        request_id="r9",
+    )
+    assert fault.status == 413
+    assert json.loads(fault.body) == {
+        "type": "https://aup-gateway.example/problems/body-too-large",
+        "title": "Request Entity Too Large",
+        "status": 413,
+        "detail": "Body over 64 MiB",
+        "code": BODY_TOO_LARGE,
+        "application": "CRR",
+        "service": "portfolioSubmission",
+        "request_id": "r9",
+    }
+    unknown = error_fault(
+        "problem",
+        status=404,
+        code=UNKNOWN_APPLICATION,
+        message="no",
+        application=None,
+        service=None,
+        request_id="r",
+    )
+    assert "application" not in json.loads(unknown.body)
+
+
+def test_errorlist_violation_and_error() -> None:
+    fault = drrs_fault("errorlist")
+    assert fault.status == 429
+    assert fault.headers["Content-Type"].startswith("application/json")
+    assert fault.headers["RateLimit"] == '"drrs-per-service";r=0;t=30'
+    assert json.loads(fault.body) == {
+        "errorList": [
+            {"errorCode": "GEN0003", "errorDescription": DRRS_MESSAGE, "severity": "ERROR"}
+        ]
+    }
+    error = error_fault(
+        "errorlist",
+        status=502,
+        code="AUP-UPSTREAM-UNAVAILABLE",
+        message='Upstream "CRR" refused',
+        application="CRR",
+        service=None,
+        request_id="r",
+    )
+    assert error.status == 502
+    assert json.loads(error.body)["errorList"][0]["errorDescription"] == 'Upstream "CRR" refused'
+
+
+# --- hostile input -----------------------------------------------------------------------------
+
+HOSTILE = [
+    '<x>&"',
+    "]]><!ENTITY x SYSTEM 'file:///etc/passwd'>",
+    "a\x00b\x1fc\ud800d\uffffe",
+    "line\r\nbreak\ttab",
+    "{service}{per}</description>",
+    "é中文🙂",
+]
+
+
+@pytest.mark.parametrize("service", HOSTILE)
+@pytest.mark.parametrize("shape", ["soap11", "soap12"])
+def test_hostile_service_name_is_well_formed(shape: str, service: str) -> None:
+    fault = drrs_fault(shape, service=service, request_id=service, message=f"m {service}")
+    root = parse(fault.body)  # raises on anything not well-formed
+    ns = SOAP11 if shape == "soap11" else SOAP12
+    names = [e.text or "" for e in root.iter(f"{SO}name")]
+    assert len(names) == 1
+    expected = (
+        xml_text(service)
+        .replace("&amp;", "&")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&#13;", "\r")
+    )
+    assert names[0] == expected
+    assert root.tag == f"{ns}Envelope"
+    assert len(list(root.iter(f"{SO}Event"))) == 1
+
+
+def test_hostile_markup_survives_exactly() -> None:
+    fault = drrs_fault("soap11", service='<x>&"', message="<b>&amp;</b> ]]>")
+    root = parse(fault.body)
+    assert one(root, f".//{SO}Service/{SO}name").text == '<x>&"'
+    assert one(root, f".//{SO}description").text == "<b>&amp;</b> ]]>"
+    assert one(root, ".//faultstring").text == "<b>&amp;</b> ]]>"
+
+
+@pytest.mark.parametrize("service", HOSTILE)
+@pytest.mark.parametrize("shape", ["problem", "errorlist"])
+def test_hostile_values_in_json(shape: str, service: str) -> None:
+    fault = drrs_fault(shape, service=service, message=service)
+    document = json.loads(fault.body)
+    if shape == "problem":
+        assert document["service"] == service
+        assert document["detail"] == service
+    else:
+        assert document["errorList"][0]["errorDescription"] == service
+
+
+@given(st.text())
+def test_any_text_gives_well_formed_soap(text: str) -> None:
+    fault = drrs_fault("soap11", service=text, message=text, request_id=text)
+    parse(fault.body)
+
+
+# --- shape choice ------------------------------------------------------------------------------
+
+
+def app(protocol: str, faults: str = "auto") -> Application:
+    return Application(
+        name="X",
+        upstream="http://127.0.0.1:1",
+        protocol=cast(Protocol, protocol),
+        faults=cast(SettingsShape, faults),
+    )
+
+
+@pytest.mark.parametrize(
+    ("protocol", "faults", "content_type", "expected"),
+    [
+        ("soap", "auto", "text/xml; charset=utf-8", "soap11"),
+        ("soap", "auto", 'application/soap+xml; charset=utf-8; action="urn:x"', "soap12"),
+        ("soap", "auto", "Application/SOAP+XML", "soap12"),
+        ("soap", "auto", 'multipart/related; type="text/xml"; boundary=b', "soap11"),
+        (
+            "soap",
+            "auto",
+            'multipart/related; type="application/xop+xml"; start-info="application/soap+xml"',
+            "soap12",
+        ),
+        ("soap", "auto", "", "soap11"),
+        ("rest", "auto", "application/json", "problem"),
+        ("rest", "auto", "application/soap+xml", "problem"),
+        ("rest", "errorlist", "application/json", "errorlist"),
+        ("soap", "problem", "text/xml", "problem"),
+        ("soap", "soap12", "text/xml", "soap12"),
+    ],
+)
+def test_shape_for(protocol: str, faults: str, content_type: str, expected: str) -> None:
+    assert shape_for(app(protocol, faults), content_type) == expected
+
+
+def test_shape_for_unknown_application() -> None:
+    assert shape_for(None, "text/xml") == "soap11"
+    assert shape_for(None, "application/soap+xml") == "soap12"
+    assert shape_for(None, "application/json") == "problem"
+
+
+def test_module_has_no_tree_building_imports() -> None:
+    # The hot path formats templates; building XML trees per request is what this guards against.
+    source = Path(__file__).parents[1].joinpath("gateway", "faults.py").read_text()
+    assert "ElementTree" not in source and "minidom" not in source
