@@ -32,11 +32,8 @@ class Running:
     admin_port: int | None
     _runners: list[web.BaseRunner] = field(default_factory=list)
 
-    async def stop(self, grace: float = 10.0) -> None:
-        """Stop accepting, let in-flight calls finish (up to `grace` seconds), close the rest."""
-        for runner in self._runners:
-            for site in list(runner.sites):
-                site._shutdown_timeout = grace  # noqa: SLF001  aiohttp takes it per site
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight calls finish (up to drain_timeout), close the rest."""
         for runner in self._runners:
             await runner.cleanup()
         await self.gateway.close()
@@ -51,7 +48,7 @@ def make_limiter(settings: Settings) -> Limiter:
 async def start(settings: Settings, *, limiter: Limiter | None = None,
                 reuse_port: bool = False) -> Running:
     """Bind the listeners; ports 0 in settings pick free ports (see Running.port)."""
-    gateway = Gateway(settings, limiter or make_limiter(settings))
+    gateway = Gateway(settings, limiter if limiter is not None else make_limiter(settings))
     await gateway.start()
     limits = settings.limits
     server = web.Server(
@@ -62,7 +59,8 @@ async def start(settings: Settings, *, limiter: Limiter | None = None,
         max_field_size=limits.max_header_size,
         max_headers=limits.max_headers,
     )
-    runner = web.ServerRunner(server, handle_signals=False)
+    runner = web.ServerRunner(server, handle_signals=False,
+                              shutdown_timeout=settings.drain_timeout)
     await runner.setup()
     site = web.TCPSite(runner, settings.listen.host, settings.listen.port,
                        ssl_context=server_ssl_context(settings.tls), backlog=1024,

@@ -113,6 +113,7 @@ class Settings:
     access_log: bool = True
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
     limits: Limits = field(default_factory=Limits)
+    drain_timeout: float = 10.0
     applications: dict[str, Application] = field(default_factory=dict)
 
     _by_lower: dict[str, Application] = field(init=False, repr=False, compare=False)
@@ -243,6 +244,7 @@ def _read_settings(top: Fields, source: Path) -> Settings | None:
         access_log=top.value("access_log", bool, True),
         ledger=ledger,
         limits=limits,
+        drain_timeout=top.converted("drain_timeout", parse_duration, 10.0),
         applications=applications,
     )
     top.done()

@@ -139,11 +139,19 @@ class Fields:
 
     def value(self, key: str, kind: type[T], default: T = _MISSING,
               check: Callable[[T], str | None] | None = None) -> T:
-        """A scalar of type `kind` (bool is not int, int is a float); errors fall back to default."""
+        """A scalar of type `kind` (bool is not int, int is a float); errors fall back to default.
+
+        Without a default the key is required; when it is missing or wrong, the problem is
+        recorded and an empty `kind()` is returned so that reading can go on.
+        """
+        if default is _MISSING:
+            default = kind()
+            if key not in self._values:
+                self.problems.add(self.file, self.node, self._name(key), "is required")
+                self._read.add(key)
+                return default
         node = self.raw(key)
         if node is None:
-            if default is _MISSING:
-                self.problems.add(self.file, self.node, self._name(key), "is required")
             return default
         value = scalar(node)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):

@@ -2,4 +2,6 @@
 
 pytest_plugins = [
     "tests.support.certs",
+    "tests.support.stack",
+    "tests.support.redis",
 ]

@@ -214,6 +214,7 @@ def create_soap_app() -> web.Application:
     app = web.Application()
     add_mock_hooks(app)
     app.router.add_post("/sst/{application}/{service}", handle_service)
+    app.router.add_post("/sst/{application}", handle_service)  # service from the SOAPAction
     app.router.add_post("/{service}", handle_service)
     app.router.add_post("/", handle_service)
     return app

@@ -40,10 +40,11 @@ tls:
   crl: {certs.crl}
 store: {store}
 admin: {{host: 127.0.0.1, port: 0}}
+drain_timeout: 1s
 policies: policies/
 access_log: false
 applications:
-  OMS:  {{upstream: "http://127.0.0.1:{soap}", protocol: soap}}
+  OMS:  {{upstream: "http://127.0.0.1:{oms_port}", protocol: soap{oms_extra}}}
   DRRS: {{upstream: "http://127.0.0.1:{soap}", protocol: soap}}
   SIBR: {{upstream: "http://127.0.0.1:{soap}", protocol: soap}}
   CMRI: {{upstream: "http://127.0.0.1:{soap}", protocol: soap}}
@@ -54,6 +55,7 @@ applications:
     routes:
       "GET /auction/v1.0/portfolio": getPortfolio
       "POST /auction/v1.0/portfolio": portfolioSubmission
+      "GET /_mock/big": bulkDownload
 """
 
 OMS = """\
@@ -150,14 +152,16 @@ async def stack_factory(certs: DemoCerts, upstream: Upstream,
 
     async def make(policies: str | dict[str, str] = OMS, *, store: str = "memory://",
                    extra: str = "", limiter: Limiter | None = None,
-                   folder: Path | None = None) -> Stack:
+                   folder: Path | None = None, oms_port: int | None = None,
+                   oms_extra: str = "") -> Stack:
         folder = folder or tmp_path / f"stack{len(stacks)}"
         (folder / "policies").mkdir(parents=True, exist_ok=True)
         files = {"main.yaml": policies} if isinstance(policies, str) else policies
         for name, text in files.items():
             (folder / "policies" / name).write_text(textwrap.dedent(text))
         config = CONFIG.format(certs=certs, store=store, soap=upstream.soap_port,
-                               rest=upstream.rest_port) + textwrap.dedent(extra)
+                               rest=upstream.rest_port, oms_port=oms_port or upstream.soap_port,
+                               oms_extra=oms_extra) + textwrap.dedent(extra)
         (folder / "gateway.yaml").write_text(config)
         running = await start(load_settings(folder / "gateway.yaml"), limiter=limiter)
         stack = Stack(running, certs, folder)
@@ -168,4 +172,4 @@ async def stack_factory(certs: DemoCerts, upstream: Upstream,
     for stack in stacks:
         for session in stack.sessions:
             await session.close()
-        await stack.running.stop(grace=1)
+        await stack.running.stop()
