@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import hdrs, web
@@ -44,6 +45,11 @@ class Outcome:
     status: int = 0
     upstream_status: int = 0
     retry_after: float = 0.0
+    store_time: float = 0.0  # the limiter's clock at the decision (Redis TIME with Redis)
+    elapsed: float = 0.0
+
+
+Observer = Callable[[Outcome], None]
 
 
 class Gateway:
@@ -57,6 +63,9 @@ class Gateway:
         self.limiter = limiter
         self.upstreams = Upstreams(settings)
         self.identities = IdentityCache()
+        # Called with every finished call's Outcome: access log, metrics, ledger. They must
+        # not block; anything slow is queued by the observer itself.
+        self.observers: list[Observer] = [log_access] if settings.access_log else []
 
     async def start(self) -> None:
         await self.upstreams.start()
@@ -73,8 +82,9 @@ class Gateway:
             outcome.status = response.status
             return response
         finally:
-            if self.settings.access_log:
-                self._log(outcome, time.perf_counter() - started)
+            outcome.elapsed = time.perf_counter() - started
+            for observe in self.observers:
+                observe(outcome)
 
     async def _handle(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
         content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
@@ -92,8 +102,14 @@ class Gateway:
                                target.code, target.message)
         app = target.application
         outcome.application, outcome.service = app.name, target.service
+        policies = self.policies  # read once: a reload swaps the whole set
+        if not policies.allows(identity, app.name):
+            outcome.decision = "refused"
+            return self._error(app, content_type, outcome, 403, "NOT-PROVISIONED",
+                               f"{identity.cn or 'This identity'} is not provisioned for "
+                               f"{app.name}.")
 
-        policy = self.policies.match(app.name, target.service, request.method)
+        policy = policies.match(app.name, target.service, request.method)
         if policy is not None:
             rejected = await self._decide(policy, identity, target, content_type, outcome)
             if rejected is not None:
@@ -123,6 +139,7 @@ class Gateway:
             return None
         key = limiter_key(key_identity, target.application.name, target.service)
         decision: Decision = await self.limiter.decide(key, rate)
+        outcome.store_time = decision.now
         if decision.allowed:
             outcome.decision = "allowed"
             return None
@@ -162,22 +179,24 @@ class Gateway:
                                    request_id=outcome.request_id)
         return _respond(fault, outcome)
 
-    def _log(self, outcome: Outcome, elapsed: float) -> None:
-        identity = outcome.identity
-        access_log.info(json.dumps({
-            "time": round(time.time(), 3),
-            "request_id": outcome.request_id,
-            "cn": identity.cn if identity else None,
-            "identity": identity.key(self.settings.identity) if identity else None,
-            "application": outcome.application,
-            "service": outcome.service,
-            "decision": outcome.decision,
-            "policy": outcome.policy,
-            "status": outcome.status,
-            "upstream_status": outcome.upstream_status or None,
-            "retry_after": round(outcome.retry_after, 3) if outcome.retry_after else None,
-            "latency_ms": round(elapsed * 1000, 3),
-        }, separators=(",", ":")))
+
+def log_access(outcome: Outcome) -> None:
+    """One JSON line per call (`access_log: false` turns it off, e.g. for benchmarks)."""
+    identity = outcome.identity
+    access_log.info(json.dumps({
+        "time": round(time.time(), 3),
+        "request_id": outcome.request_id,
+        "cn": identity.cn if identity else None,
+        "identity": identity.subject if identity else None,
+        "application": outcome.application,
+        "service": outcome.service,
+        "decision": outcome.decision,
+        "policy": outcome.policy,
+        "status": outcome.status,
+        "upstream_status": outcome.upstream_status or None,
+        "retry_after": round(outcome.retry_after, 3) if outcome.retry_after else None,
+        "latency_ms": round(outcome.elapsed * 1000, 3),
+    }, separators=(",", ":")))
 
 
 def _respond(fault: faults.Fault, outcome: Outcome) -> web.Response:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from gateway.errors import ConfigError
-from gateway.identity import normalise_dn
+from gateway.identity import ClientIdentity, normalise_dn
 from gateway.limiter.base import Rate
 from gateway.settings import Settings, StoreErrorMode
 from gateway.yamlread import Fields, Problems, compose, parse_duration
@@ -74,6 +74,10 @@ class PolicySet:
     _memo: dict[tuple[str, str, str], Policy | None] = field(
         default_factory=dict, compare=False, repr=False
     )
+
+    def allows(self, identity: ClientIdentity, application: str) -> bool:
+        """Whether the identity is provisioned for the application (no access list: everyone)."""
+        return True
 
     def match(self, application: str, service: str, method: str) -> Policy | None:
         key = (application, service, method)
