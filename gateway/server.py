@@ -18,7 +18,7 @@ from gateway.app import Gateway
 from gateway.errors import ConfigError
 from gateway.limiter.base import Limiter
 from gateway.settings import Settings
-from gateway.tls import server_ssl_context
+from gateway.tls import ReloadingContext, TlsSite
 
 log = logging.getLogger("gateway")
 
@@ -62,9 +62,9 @@ async def start(settings: Settings, *, limiter: Limiter | None = None,
     runner = web.ServerRunner(server, handle_signals=False,
                               shutdown_timeout=settings.drain_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, settings.listen.host, settings.listen.port,
-                       ssl_context=server_ssl_context(settings.tls), backlog=1024,
-                       reuse_port=reuse_port or None)
+    tls = ReloadingContext(settings.tls)  # new handshakes pick up rotated files
+    site = TlsSite(runner, settings.listen.host, settings.listen.port, tls.context,
+                   handshake_timeout=limits.read_timeout, backlog=1024, reuse_port=reuse_port)
     await site.start()
     running = Running(gateway, _bound_port(runner), None, [runner])
     if settings.admin is not None:

@@ -54,6 +54,10 @@ def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
     ctx.minimum_version = _VERSIONS[tls.min_version]
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # No session tickets: a resumed session skips certificate verification, so a certificate
+    # revoked after its first handshake could otherwise come back for hours.
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
     try:
         ctx.set_ciphers(tls.ciphers or DEFAULT_CIPHERS)
     except ssl.SSLError as exc:
