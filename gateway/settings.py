@@ -147,6 +147,10 @@ def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else f"must be a port number (0-65535), got {value}"
 
 
+def _status(value: int) -> str | None:
+    return None if 400 <= value <= 599 else f"must be an HTTP error status 400-599, got {value}"
+
+
 def _positive(value: int | float) -> str | None:
     return None if value > 0 else f"must be greater than zero, got {value}"
 
@@ -315,8 +319,7 @@ def _read_application(f: Fields, name: str) -> Application | None:
         prefix=prefix,
         routes=tuple(routes),
         faults=f.choice("faults", ("auto", "soap11", "soap12", "problem", "errorlist"), "auto"),  # type: ignore[arg-type]
-        fault_status=f.value("fault_status", int, None,
-                             lambda s: None if 400 <= s <= 599 else f"must be 400-599, got {s}"),
+        fault_status=f.value("fault_status", int, None, _status),
         max_body=f.converted("max_body", parse_size, None),
         timeout=f.converted("timeout", parse_duration, 60.0),
         connect_timeout=f.converted("connect_timeout", parse_duration, 5.0),

@@ -138,7 +138,7 @@ class Fields:
         yield from enumerate(node.value)
 
     def value(self, key: str, kind: type[T], default: T = _MISSING,
-              check: Callable[[T], str | None] | None = None) -> T:
+              check: Callable[[Any], str | None] | None = None) -> T:
         """A scalar of type `kind` (bool is not int, int is a float); errors fall back to default.
 
         Without a default the key is required; when it is missing or wrong, the problem is
