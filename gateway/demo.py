@@ -14,8 +14,7 @@ from gateway.settings import Settings, load_settings
 
 _ENVELOPE = (
     '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
-    "<soapenv:Body><{op} xmlns=\"http://www.caiso.com/soa/{op}\"/></soapenv:Body>"
-    "</soapenv:Envelope>"
+    "<soapenv:Body/></soapenv:Envelope>"
 )
 
 
@@ -31,18 +30,18 @@ def demo_settings(config: Path) -> Settings:
 
 def curl_session(settings: Settings, certs_dir: Path) -> str:
     base = f"https://localhost:{settings.listen.port}"
-    ca = _rel(certs_dir / "ca.pem")
+    clients = _rel(certs_dir / "clients")
 
     def soap(user: str, app: str, service: str) -> str:
-        body = _ENVELOPE.format(op=service.split("_")[0])
-        return (f"curl -sS -i --cacert {ca} --cert {_rel(certs_dir / 'clients' / user)}-bundle.pem"
-                f" -H 'Content-Type: text/xml; charset=utf-8'"
-                f" -H 'SOAPAction: \"http://www.caiso.com/soa/{service}\"'"
-                f" --data '{body}' {base}/sst/{app}/{service}")
+        return f'$CURL --cert {clients}/{user}-bundle.pem -H "$SOAP" -d "$BODY" {base}/sst/{app}/{service}'
 
     oms = soap("jdoex1234", "oms", "RetrieveCurrentOutages_OMSv1_AP")
     drrs = soap("jdoex1234", "drrs", "RetrieveDRLocations_DRRSv2_AP")
     return "\n".join([
+        "# Paste into a shell in this folder:",
+        f"CURL='curl -sS -i --cacert {_rel(certs_dir / 'ca.pem')}'",
+        "SOAP='Content-Type: text/xml; charset=utf-8'",
+        f"BODY='{_ENVELOPE}'",
         "# 1. An allowed OMS retrieve (the mock upstream answers):",
         oms,
         "# 2. The same call again within 5 s: an AUP violation fault (HTTP 500, Retry-After):",
@@ -53,11 +52,10 @@ def curl_session(settings: Settings, certs_dir: Path) -> str:
         "# 4. DRRS: the first call passes; every retry within 30 s resets the 30 s timer:",
         drrs,
         drrs,
-        "# 5. A REST call (CRR), its violation is JSON in the API's own error shape:",
-        f"curl -sS -i --cacert {ca} --cert {_rel(certs_dir / 'clients' / 'jdoex1234')}-bundle.pem"
-        f" {base}/crr/auction/v1.0/portfolio",
-        "# 6. No client certificate: the TLS handshake is refused:",
-        f"curl -sS -i --cacert {ca} {base}/sst/oms/RetrieveCurrentOutages_OMSv1_AP",
+        "# 5. A REST call (CRR); its violation is JSON in the API's own errorList shape:",
+        f"$CURL --cert {clients}/jdoex1234-bundle.pem {base}/crr/auction/v1.0/portfolio",
+        "# 6. No client certificate: the TLS handshake is refused, nothing is forwarded:",
+        f"$CURL {base}/sst/oms/RetrieveCurrentOutages_OMSv1_AP",
     ])
 
 
