@@ -1,0 +1,201 @@
+"""The results of one bench run as JSON and as the markdown the README shows.
+
+Ratios compare rows of the same run only: a gateway row against the nginx row of the same kind
+(allowed or rejected) and the same number of workers, and against the direct upstream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from bench.ab import AbResult
+
+Target = Literal["direct", "nginx", "gateway"]
+Kind = Literal["allowed", "rejected", "direct"]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    target: Target
+    kind: Kind
+    store: str = ""  # gateway only: memory | redis
+    workers: int = 1
+
+    @property
+    def name(self) -> str:
+        if self.target == "direct":
+            return "direct upstream (nginx, mTLS)"
+        what = f"gateway {self.store}" if self.target == "gateway" else "nginx"
+        workers = f", {self.workers} workers" if self.workers > 1 else ""
+        return f"{what} {self.kind}{workers}"
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+
+
+@dataclass
+class Row:
+    scenario: Scenario
+    result: AbResult | None = None
+    error: str | None = None
+    rss_kib: int = 0  # the server's RSS after the run (all its processes)
+    # CPU cores busy during the measured run: the server (all its processes), ab, and anything
+    # on the machine that the bench did not start (other work disturbs a row: it is flagged).
+    server_cores: float = 0.0
+    ab_cores: float = 0.0
+    foreign_cores: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def _find(rows: Sequence[Row], target: Target, kind: Kind, workers: int) -> Row | None:
+    for row in rows:
+        s = row.scenario
+        if s.target == target and s.kind == kind and s.workers == workers and row.result:
+            return row
+    return None
+
+
+def _ratio(row: Row, other: Row | None) -> float | None:
+    if row.result is None or other is None or other.result is None or not other.result.rps:
+        return None
+    return row.result.rps / other.result.rps
+
+
+def ratios(rows: Sequence[Row], row: Row) -> tuple[float | None, float | None]:
+    s = row.scenario
+    if s.target != "gateway":
+        return None, None
+    nginx = _find(rows, "nginx", s.kind, s.workers) or _find(rows, "nginx", s.kind, 1)
+    return _ratio(row, nginx), _ratio(row, _find(rows, "direct", "direct", 1))
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def load_table(rows: Sequence[Row]) -> str:
+    lines = [
+        "| scenario | req/s | p50 ms | p99 ms | non-2xx % | vs nginx | vs direct | RSS MiB |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        r = row.result
+        if r is None:
+            lines.append(f"| {row.scenario.name} | failed: {row.error} | | | | | | |")
+            continue
+        vs_nginx, vs_direct = ratios(rows, row)
+        rss = f"{row.rss_kib / 1024:.0f}" if row.rss_kib else ""
+        lines.append(
+            f"| {row.scenario.name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
+            f"| {r.non_2xx_pct:.1f} | {_num(vs_nginx)} | {_num(vs_direct)} | {rss} |"
+        )
+    return "\n".join(lines)
+
+
+def targets(rows: Sequence[Row]) -> list[str]:
+    """The issue's targets, one line per gateway row, each with what this run reached."""
+    out = []
+    memory_rows = [r for r in rows if r.scenario.store == "memory"]
+    for row in rows:
+        s = row.scenario
+        if s.target != "gateway" or row.result is None:
+            continue
+        reached = []
+        vs_nginx, _ = ratios(rows, row)
+        if vs_nginx is not None:
+            reached.append(f"{vs_nginx:.2f}x nginx (target ≥ 0.5x: {_met(vs_nginx >= 0.5)})")
+        p99 = row.result.p99_ms
+        reached.append(f"p99 {p99:.2f} ms (target < 5 ms: {_met(p99 < 5)})")
+        if s.store == "redis":
+            share = _ratio(row, _find(memory_rows, "gateway", s.kind, 1))
+            if share is not None:
+                reached.append(f"{share:.2f}x the 1-worker memory-store row "
+                               f"(target ≥ 0.8x: {_met(share >= 0.8)})")
+        out.append(f"- {s.name}: " + "; ".join(reached))
+    return out
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
+def costs_table(costs: Sequence[dict[str, object]]) -> str:
+    lines = [
+        "| store | live keys | decisions | µs/decision, live key (rejected) "
+        "| µs/decision, new key (allowed) | store bytes/key |",
+        "|---|--:|---|--:|--:|--:|",
+    ]
+    for c in costs:
+        per_key = c.get("bytes_per_key")
+        lines.append(
+            f"| {c['store']} | {c['live_keys']:,} | {c['mode']} | {c['live_us']:.1f} "
+            f"| {c['new_us']:.1f} | {'' if per_key is None else f'{per_key:.0f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_lines(memory: dict[str, object]) -> list[str]:
+    n = memory["identities"]
+    return [
+        f"- after {n:,} distinct identities (one call each, OMS's 1 per 5 s, memory store): "
+        f"RSS grew {memory['rss_growth_bytes_per_identity']:.0f} bytes per identity "
+        f"({memory['rss_before_kib'] / 1024:.0f} → {memory['rss_after_kib'] / 1024:.0f} MiB);",
+        f"- traced Python memory: limiter {memory['limiter_bytes_per_key']:.0f} bytes per live "
+        f"key; identity cache {memory['identity_cache_entries']:,} entries (bounded) x "
+        f"{memory['identity_cache_bytes_per_entry']:.0f} bytes "
+        f"= {memory['identity_cache_bytes'] / 2**20:.1f} MiB;",
+        f"- {memory['us_per_call']:.1f} µs per call for certificate → identity → key → "
+        "decision (certificate parsing is paid once per new certificate, then cached).",
+    ]
+
+
+def machine() -> dict[str, str]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def version(argv: list[str], pattern: str) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        match = re.search(pattern, done.stdout + done.stderr)
+        return match.group(1) if match else ""
+
+    import aiohttp
+
+    try:
+        import uvloop
+
+        uvloop_version = uvloop.__version__
+    except ImportError:
+        uvloop_version = "not installed"
+    return {
+        "cpus": str(os.cpu_count()),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "uvloop": uvloop_version,
+        "nginx": version(["nginx", "-v"], r"nginx/(\S+)"),
+        "ab": version(["ab", "-V"], r"Version (\S+)"),
+        "redis": version(["redis-server", "--version"], r"v=(\S+)"),
+    }
+
+
+def machine_line(m: dict[str, str]) -> str:
+    return (f"{m['cpus']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}, "
+            f"aiohttp {m['aiohttp']}, uvloop {m['uvloop']}, nginx {m['nginx']}, ab {m['ab']}, "
+            f"Redis {m['redis']}")
