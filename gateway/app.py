@@ -25,7 +25,7 @@ from gateway.forward import BodyTooLarge, Upstreams
 from gateway.identity import ClientIdentity, IdentityCache
 from gateway.limiter.base import Decision, Limiter, limiter_key
 from gateway.policy import Policy, PolicySet, load_policies
-from gateway.routing import NoRoute, Router, Target
+from gateway.routing import NoRoute, Router, Target, route_by_body
 from gateway.settings import Application, Settings
 
 access_log = logging.getLogger("gateway.access")
@@ -93,9 +93,9 @@ class Gateway:
             return self._error(None, content_type, outcome, 403, "NO-CERTIFICATE",
                                "A verified client certificate is required.")
 
-        target = self.router.route(request.method, request.raw_path.partition("?")[0],
-                                   request.query_string, request.headers.get("SOAPAction"),
-                                   content_type)
+        path, _, query = request.raw_path.partition("?")  # the query as sent, never decoded
+        target = self.router.route(request.method, path, query,
+                                   request.headers.get("SOAPAction"), content_type)
         if isinstance(target, NoRoute):
             outcome.decision = "refused"
             return self._error(target.application, content_type, outcome, target.status,
@@ -108,6 +108,15 @@ class Gateway:
             return self._error(app, content_type, outcome, 403, "NOT-PROVISIONED",
                                f"{identity.cn or 'This identity'} is not provisioned for "
                                f"{app.name}.")
+        prefix = b""  # the start of the body, when the service had to be read from it
+        if target.from_body:
+            routed, prefix = await route_by_body(target, content_type, request.content.read)
+            if isinstance(routed, NoRoute):
+                outcome.decision = "refused"
+                return self._error(app, content_type, outcome, routed.status, routed.code,
+                                   routed.message)
+            target = routed
+            outcome.service = target.service
 
         policy = policies.match(app.name, target.service, request.method)
         if policy is not None:
@@ -118,10 +127,12 @@ class Gateway:
         max_body = app.max_body if app.max_body is not None else self.settings.limits.max_body
         try:
             response = await self.upstreams.forward(request, app, target.upstream_path, identity,
-                                                    outcome.request_id, max_body)
+                                                    outcome.request_id, max_body, prefix)
         except BodyTooLarge:
-            return self._error(app, content_type, outcome, 413, "BODY-TOO-LARGE",
-                               f"The request body is larger than {max_body} bytes.")
+            too_large = self._error(app, content_type, outcome, 413, "BODY-TOO-LARGE",
+                                    f"The request body is larger than {max_body} bytes.")
+            too_large.force_close()  # "Connection: close": the rest of the body is not read
+            return too_large
         except UpstreamError as exc:
             return self._error(app, content_type, outcome, exc.status, "UPSTREAM-UNAVAILABLE",
                                exc.reason)

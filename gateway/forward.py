@@ -73,19 +73,22 @@ class Upstreams:
 
     async def forward(self, request: web.BaseRequest, app: Application, upstream_path: str,
                       identity: ClientIdentity, request_id: str, max_body: int,
-                      ) -> web.StreamResponse:
-        """Send the request upstream and relay the answer; UpstreamError when that fails."""
+                      prefix: bytes = b"") -> web.StreamResponse:
+        """Send the request upstream and relay the answer; UpstreamError when that fails.
+
+        `prefix` is the start of the body that routing already read (routing.route_by_body).
+        """
         headers = upstream_headers(request, identity, request_id)
         length = request.content_length
         data: bytes | AsyncIterator[bytes] | None
         if length is not None and length > max_body:
             raise BodyTooLarge
         if length is not None and length <= BUFFER_LIMIT:
-            data = await request.read() if length else None
+            data = prefix + await request.read() if length else None
             if length:
                 headers[hdrs.CONTENT_LENGTH] = str(length)
         elif request.body_exists:
-            data = _counted(request, max_body)
+            data = _counted(request, max_body, prefix)
             if length is not None:
                 headers[hdrs.CONTENT_LENGTH] = str(length)
         else:
@@ -101,6 +104,8 @@ class Upstreams:
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamError(504, f"{app.name} upstream did not answer in time") from exc
         except aiohttp.ClientError as exc:
+            if isinstance(exc.__cause__, BodyTooLarge):  # raised in _counted, wrapped by aiohttp
+                raise BodyTooLarge from exc
             raise UpstreamError(502, f"{app.name} upstream unavailable: "
                                      f"{type(exc).__name__}") from exc
 
@@ -109,10 +114,13 @@ def upstream_headers(request: web.BaseRequest, identity: ClientIdentity,
                      request_id: str) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop and gateway-owned ones, plus the gateway's own."""
     connection = request.headers.get(hdrs.CONNECTION, "")
-    named = {h.strip().lower() for h in connection.split(",")} if connection else set()
+    named = ({h.strip().lower().replace("_", "-") for h in connection.split(",")}
+             if connection else set())
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
-        lower = name.lower()
+        # `X_Forwarded_Client_Cert` is the same header to CGI/WSGI-style upstreams: compare
+        # names with '_' read as '-' so no variant of a gateway-owned name gets through.
+        lower = name.lower().replace("_", "-")
         if lower not in _DROP_REQUEST and lower not in named:
             headers.add(name, value)
     peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -123,8 +131,11 @@ def upstream_headers(request: web.BaseRequest, identity: ClientIdentity,
     return headers
 
 
-async def _counted(request: web.BaseRequest, max_body: int) -> AsyncIterator[bytes]:
-    seen = 0
+async def _counted(request: web.BaseRequest, max_body: int, prefix: bytes = b"",
+                   ) -> AsyncIterator[bytes]:
+    seen = len(prefix)
+    if prefix:
+        yield prefix
     async for chunk in request.content.iter_chunked(CHUNK):
         seen += len(chunk)
         if seen > max_body:

@@ -3,6 +3,9 @@
 Policies are tried in order (files by name, then their order in each file); the first whose
 application, services and methods match applies. Matches are memoised per
 (application, service, method), so a request costs one dict look-up, not a scan.
+
+The same files carry the access list (`access:` entries, see gateway/access.py), so it is
+validated, versioned and reloaded together with the policies.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal
 
+from gateway.access import AccessList, AccessRule, read_access_rule
 from gateway.errors import ConfigError
 from gateway.identity import ClientIdentity, normalise_dn
 from gateway.limiter.base import Rate
@@ -71,13 +75,14 @@ class PolicySet:
     policies: tuple[Policy, ...]
     files: tuple[Path, ...]
     version: str
+    access: AccessList | None = None  # None: no access list, every verified identity may call
     _memo: dict[tuple[str, str, str], Policy | None] = field(
         default_factory=dict, compare=False, repr=False
     )
 
     def allows(self, identity: ClientIdentity, application: str) -> bool:
         """Whether the identity is provisioned for the application (no access list: everyone)."""
-        return True
+        return self.access is None or self.access.allows(identity, application)
 
     def match(self, application: str, service: str, method: str) -> Policy | None:
         key = (application, service, method)
@@ -100,6 +105,7 @@ def load_policies(settings: Settings) -> PolicySet:
     files = tuple(sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")))
     digest = hashlib.sha256()
     policies: list[Policy] = []
+    rules: list[AccessRule] = []
     seen: dict[str, str] = {}
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
@@ -114,14 +120,19 @@ def load_policies(settings: Settings) -> PolicySet:
             if policy is None:
                 continue
             if policy.name in seen:
-                problems.add(str(path), node, "name",
-                             f"duplicate policy name {policy.name!r} (first in {seen[policy.name]})")
+                problems.add(str(path), node, "name", f"duplicate policy name {policy.name!r} "
+                             f"(first in {seen[policy.name]})")
                 continue
             seen[policy.name] = policy.source
             policies.append(policy)
+        for _, node in top.items("access"):
+            rule = read_access_rule(Fields(node, str(path), problems, "access[]"), settings)
+            if rule is not None:
+                rules.append(rule)
         top.done()
     problems.raise_if_any()
-    return PolicySet(tuple(policies), files, digest.hexdigest()[:16])
+    access = AccessList(tuple(rules)) if rules else None
+    return PolicySet(tuple(policies), files, digest.hexdigest()[:16], access)
 
 
 def _read_policy(f: Fields, settings: Settings) -> Policy | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.app import Gateway
+from gateway.connection import GuardedServer
 from gateway.errors import ConfigError
 from gateway.limiter.base import Limiter
 from gateway.settings import Settings
@@ -51,8 +52,11 @@ async def start(settings: Settings, *, limiter: Limiter | None = None,
     gateway = Gateway(settings, limiter if limiter is not None else make_limiter(settings))
     await gateway.start()
     limits = settings.limits
-    server = web.Server(
+    server = GuardedServer(  # adds read/send deadlines and the per-identity connection cap
         gateway.handle,
+        limits=limits,
+        identify=gateway.identities.get,
+        identity_mode=settings.identity,
         access_log=None,
         keepalive_timeout=limits.idle_timeout,
         max_line_size=limits.max_line_size,
