@@ -4,4 +4,6 @@ pytest_plugins = [
     "tests.support.certs",
     "tests.support.stack",
     "tests.support.redis",
+    "tests.support.redis_cluster",
+    "tests.support.replicas",
 ]

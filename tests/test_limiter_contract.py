@@ -1,7 +1,8 @@
-"""One contract for every limiter backend (memory and Redis), driven by explicit times.
+"""One contract for every limiter backend, driven by explicit times: memory, one Redis, a
+3-master Redis Cluster and a Sentinel-managed master.
 
-The limiters are built by `limiter_from_url`, as the gateway builds them. The Redis one must
-never have fallen back to its local limiter during a test, or the suite would be testing the
+The limiters are built by `limiter_from_url`, as the gateway builds them. The Redis ones must
+never have fallen back to their local limiter during a test, or the suite would be testing the
 wrong store: every test ends by checking that.
 """
 
@@ -26,12 +27,21 @@ def approx(x: float) -> object:
     return pytest.approx(x, abs=1e-6)
 
 
-@pytest.fixture(params=["memory", "redis"])
+# backend -> the fixture that hands a test an empty store of that kind (tests/support/)
+URL_FIXTURES = {
+    "redis": "redis_url",
+    "cluster": "redis_cluster_url",
+    "sentinel": "redis_sentinel_url",
+}
+
+
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
 async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[ResilientLimiter]:
-    url = "memory://" if request.param == "memory" else request.getfixturevalue("redis_url")
+    backend = request.param
+    url = "memory://" if backend == "memory" else request.getfixturevalue(URL_FIXTURES[backend])
     lim = limiter_from_url(StoreSettings(url=url, timeout=1.0, connect_timeout=1.0))
     as_protocol: Limiter = lim  # the wrapper meets the Limiter protocol (mypy checks this)
-    assert as_protocol.name == request.param
+    assert as_protocol.name == ("memory" if backend == "memory" else "redis")
     await lim.start()
     yield lim
     assert lim.store_errors == 0, lim.status()

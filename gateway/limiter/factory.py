@@ -1,20 +1,32 @@
 """Store URL -> the limiter behind it, wrapped for store outages: `limiter_from_url`.
 
-One builder per URL scheme, in `_BUILDERS`. A new kind of store (Redis Cluster, Sentinel) is one
-more builder that returns its primary limiter and a credential-free label; the scheme is already
-accepted by settings.py, and `limiter_from_url` wraps whatever the builder returns in the same
-ResilientLimiter, so the fallback, the breaker and the readiness view come for free.
+One builder per URL scheme, in `_BUILDERS`. Each returns its primary limiter and a
+credential-free label; `limiter_from_url` wraps whatever the builder returns in the same
+ResilientLimiter, so the fallback, the breaker and the readiness view are the same for every store.
 
 Supported URLs:
 
     memory://
     redis://[[username]:password@]host[:port][/db][?option=value&...]
     rediss://...                  TLS to Redis; ssl_* options below
+    redis+cluster://[[username]:password@]host:port,host:port,...[/][?option=value&...]
+    rediss+cluster://...          the same over TLS
+    redis+sentinel://[[username]:password@]host:port,host:port,.../service_name[/db][?...]
 
-Options: `db`, `client_name`, `health_check_interval` (seconds), and for rediss:// only
+Options: `db`, `client_name`, `health_check_interval` (seconds), and for TLS only
 `ssl_ca_certs`, `ssl_ca_path`, `ssl_certfile`, `ssl_keyfile`, `ssl_password`, `ssl_cert_reqs`
-(none | optional | required), `ssl_check_hostname` (true | false), `ssl_ciphers`. Timeouts and
-the pool size come from the store settings, not the URL, so one place sets them.
+(none | optional | required), `ssl_check_hostname` (true | false), `ssl_ciphers` (the cluster
+client takes neither `ssl_ca_path` nor `ssl_password`). Sentinel URLs also take
+`sentinel_username` and `sentinel_password`, for sentinels that require their own AUTH; the
+user and password before the `@` are the data nodes'. Timeouts and the pool size come from the
+store settings, not the URL, so one place sets them.
+
+Cluster: the URL lists startup nodes (any few masters or replicas; the client learns the rest
+from CLUSTER SLOTS and follows MOVED and failovers). Each decision is one EVALSHA routed by its
+key's hash slot, so the script runs unchanged on whichever master owns the (identity, service).
+Redis Cluster has database 0 only. Sentinel: the URL lists sentinels (port 26379 by default) and
+the path names the monitored master; a connection asks the sentinels for the current master each
+time it connects, so after a failover the next connection goes to the promoted replica.
 """
 
 from __future__ import annotations
@@ -23,10 +35,15 @@ import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import Connection, SSLConnection
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from gateway.errors import ConfigError
@@ -44,6 +61,12 @@ _BOOL = MappingProxyType({"true": True, "yes": True, "1": True,
                           "false": False, "no": False, "0": False})  # fmt: skip
 _CERT_REQS = ("none", "optional", "required")
 _OPTIONS = ("db", "client_name", "health_check_interval")
+_SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+# The cluster client takes a fixed set of TLS arguments; these two it has no parameter for.
+_NOT_FOR_CLUSTER = ("ssl_ca_path", "ssl_password")
+# Connections a cluster node may open beyond pool_size: the topology refresh (CLUSTER SLOTS) and
+# a NOSCRIPT reload borrow one while `pool_size` decisions hold theirs.
+_SPARE_CONNECTIONS = 4
 _TLS_OPTIONS = (
     "ssl_ca_certs",
     "ssl_ca_path",
@@ -124,7 +147,8 @@ def _redis(store: StoreSettings, parts: SplitResult, clock: Clock) -> tuple[Limi
 def redis_connection_kwargs(store: StoreSettings, parts: SplitResult) -> tuple[dict[str, Any], str]:
     """Connection arguments from a redis:// or rediss:// URL, and a label without credentials.
 
-    Public: the ledger's Redis stream uses it, and so can the cluster and sentinel builders.
+    Public: the ledger's Redis stream uses it; the cluster and sentinel builders read their
+    options through it too.
     """
     tls = parts.scheme.startswith("rediss")
     problems: list[str] = []
@@ -183,13 +207,157 @@ def _option(name: str, value: str, problems: list[str]) -> object:
     return value
 
 
-def _not_yet(store: StoreSettings, parts: SplitResult, clock: Clock) -> tuple[Limiter, str]:
-    # The decide script already touches one hash-tagged key per call, so a Cluster or Sentinel
-    # builder only needs its client (redis.asyncio.RedisCluster / Sentinel.master_for) and a
-    # RedisLimiter around it, with redis_connection_kwargs for the shared options.
-    raise ConfigError(
-        [f"store: {parts.scheme}:// is not supported yet (use redis:// or rediss://)"]
+def _cluster(store: StoreSettings, parts: SplitResult, clock: Clock) -> tuple[Limiter, str]:
+    problems: list[str] = []
+    nodes, single = _node_list(parts, 6379, problems)
+    if parts.path.strip("/"):
+        problems.append(
+            f"store: {parts.scheme}:// takes no database in the path (Redis Cluster has db 0 only)"
+        )
+    kwargs = _data_node_kwargs(store, single, problems)
+    if kwargs.pop("db", 0):
+        problems.append(f"store: {parts.scheme}:// has database 0 only")
+    tls = kwargs.pop("connection_class") is SSLConnection
+    for name in _NOT_FOR_CLUSTER:
+        if name in kwargs:
+            problems.append(f"store: URL option {name!r} is not supported with {parts.scheme}://")
+    if problems:
+        raise ConfigError(problems)
+    try:
+        client = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+            ssl=tls,
+            max_connections=store.pool_size + _SPARE_CONNECTIONS,
+            socket_timeout=store.timeout,
+            socket_connect_timeout=store.connect_timeout,
+            socket_keepalive=True,
+            # As for one server: RESP2, no set-up round trips, no maintenance notifications.
+            protocol=2,
+            driver_info=None,
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
+            # No retries: the cluster client would otherwise retry a failed call up to three
+            # times with back-off, paying the timeout each time, and could run a script twice.
+            # It still follows MOVED/ASK redirections, which are answers, not failures.
+            retry=Retry(NoBackoff(), 0),
+            **kwargs,
+        )
+    except (RedisError, OSError) as exc:  # e.g. a startup host name that does not resolve
+        raise ConfigError([f"store: {_label(parts, nodes)}: {exc}"]) from exc
+    limiter = RedisLimiter(
+        client,
+        deadline=store.timeout + store.connect_timeout,
+        key_prefix=store.key_prefix,
+        max_in_flight=store.pool_size,
     )
+    return limiter, _label(parts, nodes)
+
+
+class _SentinelLimiter(RedisLimiter):
+    """A RedisLimiter on the sentinels' current master; closing it closes the sentinel clients."""
+
+    def __init__(self, sentinel: Sentinel, client: Redis, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self._sentinel = sentinel
+
+    async def close(self) -> None:
+        await super().close()
+        await self._sentinel.aclose()
+
+
+def _sentinel(store: StoreSettings, parts: SplitResult, clock: Clock) -> tuple[Limiter, str]:
+    problems: list[str] = []
+    nodes, single = _node_list(parts, 26379, problems)
+    service, _, db_path = parts.path.strip("/").partition("/")
+    if not service:
+        problems.append(
+            "store: redis+sentinel:// needs the master's service name as its path, "
+            "e.g. redis+sentinel://sentinel-1:26379,sentinel-2:26379/mymaster"
+        )
+    query = parse_qsl(single.query, keep_blank_values=True)
+    own = {name: value for name, value in query if name in _SENTINEL_OPTIONS}
+    rest = urlencode([(n, v) for n, v in query if n not in _SENTINEL_OPTIONS])
+    kwargs = _data_node_kwargs(store, single._replace(path=f"/{db_path}", query=rest), problems)
+    if problems:
+        raise ConfigError(problems)
+    kwargs.pop("connection_class")
+    timeouts: dict[str, Any] = {
+        "socket_timeout": store.timeout,
+        "socket_connect_timeout": store.connect_timeout,
+        "socket_keepalive": True,
+        "protocol": 2,
+        "driver_info": None,
+        "retry": None,
+    }
+    sentinel_auth = {
+        "username": own.get("sentinel_username"),
+        "password": own.get("sentinel_password"),
+    }
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        nodes,
+        sentinel_kwargs={**timeouts, **sentinel_auth},
+        **timeouts,
+    )
+    client = sentinel.master_for(
+        service,
+        max_connections=store.pool_size,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        **kwargs,
+    )
+    limiter = _SentinelLimiter(
+        sentinel,
+        client,
+        deadline=store.timeout + store.connect_timeout,
+        key_prefix=store.key_prefix,
+        max_in_flight=store.pool_size,
+    )
+    return limiter, _label(parts, nodes, f"/{service}/{kwargs.get('db', 0)}")
+
+
+def _node_list(
+    parts: SplitResult, default_port: int, problems: list[str]
+) -> tuple[list[tuple[str, int]], SplitResult]:
+    """The `host:port,host:port` list of a cluster or sentinel URL, and the URL with the first
+    host alone (redis:// or rediss://), so that redis_connection_kwargs reads its options."""
+    userinfo, at, hostlist = parts.netloc.rpartition("@")
+    nodes: list[tuple[str, int]] = []
+    for item in hostlist.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        one = urlsplit(f"//{item}")
+        try:
+            port = one.port or default_port
+        except ValueError:
+            problems.append(f"store: invalid port in {parts.scheme}:// node {item!r}")
+            continue
+        if not one.hostname:
+            problems.append(f"store: {parts.scheme}:// node {item!r} has no host")
+            continue
+        nodes.append((one.hostname, port))
+    if not nodes and not problems:
+        problems.append(f"store: {parts.scheme}:// needs at least one host:port")
+    first = hostlist.split(",")[0].strip() if nodes else "127.0.0.1"
+    scheme = "rediss" if parts.scheme.startswith("rediss") else "redis"
+    return nodes, parts._replace(scheme=scheme, netloc=f"{userinfo}{at}{first}", path="")
+
+
+def _data_node_kwargs(
+    store: StoreSettings, single: SplitResult, problems: list[str]
+) -> dict[str, Any]:
+    """Connection arguments for the data nodes, without host and port (each node has its own)."""
+    try:
+        kwargs, _ = redis_connection_kwargs(store, single)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        return {"connection_class": Connection}
+    kwargs.pop("host")
+    kwargs.pop("port")
+    return kwargs
+
+
+def _label(parts: SplitResult, nodes: list[tuple[str, int]], path: str = "") -> str:
+    hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in nodes)
+    return f"{parts.scheme}://{hosts}{path}"
 
 
 def _redacted(parts: SplitResult) -> str:
@@ -201,8 +369,8 @@ _BUILDERS: Mapping[str, Builder] = MappingProxyType(
         "memory": _memory,
         "redis": _redis,
         "rediss": _redis,
-        "redis+cluster": _not_yet,
-        "rediss+cluster": _not_yet,
-        "redis+sentinel": _not_yet,
+        "redis+cluster": _cluster,
+        "rediss+cluster": _cluster,
+        "redis+sentinel": _sentinel,
     }
 )

@@ -15,8 +15,8 @@ from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from typing import TypeVar
 
-from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.errors import StoreUnavailable
 from gateway.limiter.base import Decision, KeyState, Rate
@@ -44,19 +44,28 @@ class RedisLimiter:
     caller at most that long; the socket timeouts set on the client usually fire first.
     `key_prefix` other than the default "aup" namespaces the keys further ("<prefix>:aup:{...}"),
     leaving the hash tag, and so the Cluster slot, unchanged.
+
+    `client` is a Redis (one server, or a Sentinel-managed master) or a RedisCluster: the scripts
+    touch one hash-tagged key, so the cluster client routes each EVALSHA to that key's master.
+    `max_in_flight` bounds the calls waiting on the client at once, inside the deadline. The
+    cluster client and the Sentinel pool do not queue for a free connection as a
+    BlockingConnectionPool does: past their `max_connections` they fail at once, which would send
+    a burst of calls to the fallback while Redis is perfectly healthy.
     """
 
     name = "redis"
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         *,
         deadline: float = 0.3,
         key_prefix: str = "aup",
         owns_client: bool = True,
+        max_in_flight: int | None = None,
     ) -> None:
         self._client = client
+        self._slots = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         self._deadline = deadline
         self._prefix = "" if key_prefix == "aup" else f"{key_prefix}:"
         self._owns_client = owns_client
@@ -123,7 +132,20 @@ class RedisLimiter:
     async def _call(self, op: Callable[[], Awaitable[_T]]) -> _T:
         try:
             async with asyncio.timeout(self._deadline):
-                return await op()
-        except (RedisError, OSError) as exc:
+                if self._slots is None:
+                    return await op()
+                async with self._slots:
+                    return await op()
+        except StoreUnavailable:
+            raise
+        except (RedisError, RedisClusterException, OSError) as exc:
             # OSError covers refused and reset connections and TimeoutError (the deadline's too).
+            # RedisClusterException is not a RedisError: the cluster client raises it when no
+            # startup node answers, or when the slots it learnt do not cover a key.
             raise StoreUnavailable(f"redis: {exc or type(exc).__name__}") from exc
+        except Exception as exc:
+            # The client's own failures under concurrency: redis-py's cluster client disconnects
+            # every node's connections on CLUSTERDOWN or a failed topology refresh, and a call
+            # that was writing on one of them meets `None` (AttributeError). Still the store
+            # failing, never a reason to fail the request.
+            raise StoreUnavailable(f"redis client: {type(exc).__name__}: {exc}") from exc
