@@ -42,11 +42,14 @@ class Outcome:
     service: str = ""
     decision: str = "forwarded"  # forwarded | allowed | rejected | shadow | exempt | refused
     policy: str = ""
+    key: str = ""  # the limiter key the decision was made on (empty: no limiter asked)
     status: int = 0
     upstream_status: int = 0
     retry_after: float = 0.0
     store_time: float = 0.0  # the limiter's clock at the decision (Redis TIME with Redis)
     elapsed: float = 0.0
+    store_latency: float = 0.0  # seconds spent in the limiter (0: not asked)
+    upstream_latency: float = 0.0  # seconds spent forwarding and relaying (0: not forwarded)
 
 
 Observer = Callable[[Outcome], None]
@@ -125,6 +128,7 @@ class Gateway:
                 return rejected
 
         max_body = app.max_body if app.max_body is not None else self.settings.limits.max_body
+        forwarded = time.perf_counter()
         try:
             response = await self.upstreams.forward(request, app, target.upstream_path, identity,
                                                     outcome.request_id, max_body, prefix)
@@ -137,6 +141,7 @@ class Gateway:
             return self._error(app, content_type, outcome, exc.status, "UPSTREAM-UNAVAILABLE",
                                exc.reason)
         outcome.upstream_status = response.status
+        outcome.upstream_latency = time.perf_counter() - forwarded
         return response
 
     async def _decide(self, policy: Policy, identity: ClientIdentity, target: Target,
@@ -148,8 +153,10 @@ class Gateway:
         if rate is None:
             outcome.decision = "exempt"
             return None
-        key = limiter_key(key_identity, target.application.name, target.service)
+        key = outcome.key = limiter_key(key_identity, target.application.name, target.service)
+        asked = time.perf_counter()
         decision: Decision = await self.limiter.decide(key, rate)
+        outcome.store_latency = time.perf_counter() - asked
         outcome.store_time = decision.now
         if decision.allowed:
             outcome.decision = "allowed"
@@ -199,6 +206,7 @@ def log_access(outcome: Outcome) -> None:
         "request_id": outcome.request_id,
         "cn": identity.cn if identity else None,
         "identity": identity.subject if identity else None,
+        "key": outcome.key or None,
         "application": outcome.application,
         "service": outcome.service,
         "decision": outcome.decision,

@@ -34,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="certificates, mock services and the gateway at once")
     demo.add_argument("--config", type=Path, default=Path("gateway.yaml"))
 
+    ledger = commands.add_parser("ledger", help="print the violation ledger (table or JSON)")
+    ledger.add_argument("--config", type=Path, default=Path("gateway.yaml"))
+    ledger.add_argument("--identity", help="a subject DN, a CN or a certificate fingerprint")
+    ledger.add_argument("--since", help="how far back: 1h, 30m, 90s, or an ISO 8601 time")
+    ledger.add_argument("--until", help="up to: a duration ago or an ISO 8601 time")
+    ledger.add_argument("--limit", type=int, help="at most this many (the newest)")
+    ledger.add_argument("--json", action="store_true", help="JSON instead of a table")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -52,8 +60,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from gateway.server import run_workers
         from gateway.settings import load_settings
 
-        run_workers(load_settings(args.config), args.workers)
-        return 0
+        return run_workers(load_settings(args.config), args.workers)
     if args.command == "check":
         from gateway.check import check
 
@@ -70,6 +77,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         serve_mock_upstream(args.host, args.soap_port, args.rest_port)
         return 0
+    if args.command == "ledger":
+        from gateway.ledger import print_ledger
+
+        return print_ledger(args.config, identity=args.identity, since=args.since,
+                            until=args.until, limit=args.limit, as_json=args.json)
     if args.command == "demo":
         from gateway.demo import run_demo
 
