@@ -73,6 +73,12 @@ class RedisLimiter:
         self._peek_src, self._peek_sha = _script("peek.lua")
         self.script_loads = 0
 
+    @property
+    def client(self) -> Redis | RedisCluster:
+        """The client the store URL built (one server, a Sentinel master or a cluster), for
+        other writers to the same store, such as the violation ledger's stream."""
+        return self._client
+
     async def start(self) -> None:
         """Load the scripts now, so the first decision is already a single EVALSHA."""
         await self._call(self._load)
