@@ -40,7 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.app import Gateway
 from gateway.errors import StoreUnavailable
-from gateway.identity import normalise_dn
+from gateway.identity import ClientIdentity, normalise_dn
 from gateway.ledger import LedgerEntry, LedgerWriter, Query, parse_since
 from gateway.limiter.base import limiter_key
 from gateway.metrics import GatewayMetrics
@@ -181,6 +181,12 @@ def policies_view(state: AdminState) -> dict[str, Any]:
         "files": [str(path) for path in current.files],
         "loaded_at": round(state.reloader.last_ok.at, 3),
         "policies": [policy_view(p) for p in current.policies],
+        "access": None if current.access is None else [
+            {"name": rule.name, "source": rule.source,
+             "applications": sorted(rule.applications) if rule.applications else None,
+             "subjects": sorted(rule.subjects), "organisations": sorted(rule.organisations),
+             "patterns": [pattern.pattern for pattern in rule.patterns]}
+            for rule in current.access.rules],
         "last_reload": state.reloader.last.as_dict(),
     }
 
@@ -262,6 +268,7 @@ async def explain(request: web.Request) -> web.Response:
         "method": method,
         "key": named.key,
         "policies_version": current.version,
+        "provisioned": _provisioned(current, named),
     }
     if policy is None:
         body.update(policy=None, applies="no policy matches: calls are forwarded unlimited")
@@ -332,11 +339,27 @@ async def clear_key(request: web.Request) -> web.Response:
 
 
 def _cn(identity: str) -> str:
-    for part in identity.split(","):
+    return _attribute(identity, "CN") if "=" in identity else identity
+
+
+def _attribute(dn: str, wanted: str) -> str:
+    for part in dn.split(","):
         name, _, value = part.partition("=")
-        if name == "CN":
+        if name == wanted:
             return value
-    return "" if "=" in identity else identity
+    return ""
+
+
+def _provisioned(current: PolicySet, named: _Key) -> bool | None:
+    """Whether the access list lets this identity call the application; None when the key is
+    not a subject DN (a fingerprint or CN does not carry the organisation the rules may use)."""
+    if current.access is None:
+        return True
+    if "=" not in named.identity:
+        return None
+    identity = ClientIdentity(named.identity, _attribute(named.identity, "CN"),
+                              _attribute(named.identity, "O"), "", "")
+    return current.allows(identity, named.application.name)
 
 
 async def ledger(request: web.Request) -> web.Response:

@@ -7,11 +7,15 @@ in `X-Request-Id`, so an entry can be matched to the exact fault a participant q
 
 Where entries go follows the store:
 
-- Redis store: a capped stream, `<key_prefix>:ledger` (`XADD ... MAXLEN ~ ledger.max_entries`),
-  shared by every replica and worker, one JSON entry per stream entry in field `e`;
-- memory store: a JSON-lines file, `ledger.path`, by default `var/ledger.jsonl` next to the
-  gateway YAML. When it holds `max_entries` lines it is renamed to `<name>.1` (replacing the one
-  before) and a new file starts, so the disk holds at most twice `max_entries` entries.
+- `redis://` and `rediss://` stores: a capped stream, `<key_prefix>:ledger` (`XADD ... MAXLEN ~
+  ledger.max_entries`), shared by every replica and worker, one JSON entry per stream entry in
+  field `e`;
+- the memory store, and the Cluster and Sentinel stores: a JSON-lines file, `ledger.path`, by
+  default `var/ledger.jsonl` next to the gateway YAML (one per replica). On a cluster one stream
+  key would put every replica's writes on one master, and a scaled-out store is sized for
+  decisions: there a refusal costs Redis only its decision. When the file holds `max_entries`
+  lines it is renamed to `<name>.1` (replacing the one before) and a new file starts, so the
+  disk holds at most twice `max_entries` entries.
 
 Nothing in the call path waits for the ledger: `LedgerWriter.observe` appends the finished
 call's Outcome to an in-memory queue (bounded; the oldest are dropped and counted if the store
@@ -32,7 +36,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 from urllib.parse import urlsplit
@@ -50,10 +54,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.ledger")
 shadow_log = logging.getLogger("gateway.shadow")
 RECORDED = frozenset({"rejected", "shadow"})
+STREAM_SCHEMES = frozenset({"redis", "rediss"})
 FLUSH_INTERVAL = 0.25
 MAX_PENDING = 100_000
 _ENCODE_SLICE = 256  # entries encoded between yields to the event loop
 _READ_BLOCK = 64 * 1024
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 # XADD cannot take several entries; one script call appends a whole batch in one round trip.
 _APPEND_SCRIPT = """
 for i = 2, #ARGV do
@@ -106,10 +112,16 @@ class LedgerEntry:
             return None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False)
+        return _ENCODE(self.as_dict())
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # By hand: dataclasses.asdict deep-copies every field and costs several times more,
+        # and this runs once per ledger entry.
+        return {"time": self.time, "store_time": self.store_time,
+                "request_id": self.request_id, "decision": self.decision,
+                "identity": self.identity, "subject": self.subject, "cn": self.cn,
+                "application": self.application, "service": self.service,
+                "policy": self.policy, "retry_after": self.retry_after, "status": self.status}
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,15 +395,15 @@ def ledger_path(settings: Settings) -> Path:
 
 
 def ledger_sink(settings: Settings) -> LedgerSink:
-    """The sink that goes with the store: a Redis stream for Redis (single server, Cluster or
-    Sentinel), a file for memory."""
-    if urlsplit(settings.store.url).scheme == "memory":
+    """The sink that goes with the store: a Redis stream for `redis://` and `rediss://`, a file
+    otherwise (memory; and Cluster or Sentinel, see the module docstring)."""
+    if urlsplit(settings.store.url).scheme not in STREAM_SCHEMES:
         return FileSink(ledger_path(settings), settings.ledger.max_entries)
     from gateway.limiter.factory import limiter_from_url
 
-    # The store URL is read exactly as the limiter reads it (one parser for every scheme), but
-    # into a pool of its own, with timeouts made for background writes rather than decisions:
-    # a write timed out after it reached Redis would be written twice on its retry.
+    # The store URL is read exactly as the limiter reads it, but into a pool of its own, with
+    # timeouts made for background writes rather than decisions: a write timed out after it
+    # reached Redis would be written twice on its retry.
     store = dataclasses.replace(settings.store, timeout=2.0, connect_timeout=1.0, pool_size=4)
     owner = limiter_from_url(store)
     client = getattr(owner.primary, "_client", None)
@@ -460,7 +472,7 @@ def print_ledger(config: Path, *, identity: str | None = None, since: str | None
 
 
 def ledger_sink_label(settings: Settings) -> str:
-    if urlsplit(settings.store.url).scheme != "memory":
+    if urlsplit(settings.store.url).scheme in STREAM_SCHEMES:
         return f"the Redis stream {settings.store.key_prefix}:ledger"
     return str(ledger_path(settings))
 

@@ -299,3 +299,26 @@ async def test_access_log_is_one_json_line_per_call_and_can_be_turned_off(
     assert second["status"] == 500 and second["upstream_status"] is None
     assert second["retry_after"] > 0 and first["latency_ms"] > 0
 
+
+
+async def test_policies_and_explain_show_the_access_list(stack_factory: StackFactory) -> None:
+    access = """\
+    access:
+      - name: drrs-users
+        applications: [DRRS]
+        subjects: ["CN=asmithx5678,OU=people,O=CAISO,C=US"]
+    """
+    stack = await stack_factory({"a.yaml": OMS + "access:\n  - {name: oms-all, applications: "
+                                 "[OMS], organisations: [CAISO]}\n", "b.yaml": access})
+    body = (await admin(stack, "GET", "/policies"))[1]
+    assert [(rule["name"], rule["applications"]) for rule in body["access"]] == [
+        ("oms-all", ["OMS"]), ("drrs-users", ["DRRS"])]
+    assert body["access"][1]["subjects"] == ["cn=asmithx5678,ou=people,o=caiso,c=us"]
+
+    async def provisioned(identity: str, application: str) -> object:
+        query = f"/explain?identity={identity}&application={application}&service=x"
+        return (await admin(stack, "GET", query))[1]["provisioned"]
+
+    assert await provisioned(JDOE, "OMS") is True  # by organisation
+    assert await provisioned(JDOE, "DRRS") is False
+    assert await provisioned("CN=asmithx5678,OU=people,O=CAISO,C=US", "DRRS") is True

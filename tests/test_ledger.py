@@ -145,6 +145,7 @@ async def test_redis_store_ledger_is_a_capped_stream_matching_the_faults(
         stack_factory: StackFactory, redis_url: str, redis_server: RedisServer) -> None:
     stack = await stack_factory({"a.yaml": OMS, "b.yaml": DRRS.format(per="30s")},
                                 store=redis_url, extra="ledger: {max_entries: 150}\n")
+    assert stack.running.ledger.sink.name == "redis-stream"
     sent = await _send_faults(stack)
     await stack.running.ledger.flush()
     with redis_server.client() as client:
@@ -266,11 +267,11 @@ async def test_observing_costs_no_io(monkeypatch: pytest.MonkeyPatch) -> None:
     assert writer.status()["pending"] == 1
 
 
-async def test_redis_cluster_store_ledger_is_a_stream_on_the_cluster(
+async def test_a_cluster_store_keeps_a_file_ledger_per_replica(
         stack_factory: StackFactory, redis_cluster_url: str) -> None:
     stack = await stack_factory({"a.yaml": OMS, "b.yaml": DRRS.format(per="30s")},
                                 store=redis_cluster_url)
-    assert stack.running.ledger.sink.name == "redis-stream"
+    assert stack.running.ledger.sink.name == "file"
     sent = await _send_faults(stack)
     await stack.running.ledger.flush()
     out = io.StringIO()
