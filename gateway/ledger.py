@@ -7,15 +7,12 @@ in `X-Request-Id`, so an entry can be matched to the exact fault a participant q
 
 Where entries go follows the store:
 
-- `redis://` and `rediss://` stores: a capped stream, `<key_prefix>:ledger` (`XADD ... MAXLEN ~
-  ledger.max_entries`), shared by every replica and worker, one JSON entry per stream entry in
-  field `e`;
-- the memory store, and the Cluster and Sentinel stores: a JSON-lines file, `ledger.path`, by
-  default `var/ledger.jsonl` next to the gateway YAML (one per replica). On a cluster one stream
-  key would put every replica's writes on one master, and a scaled-out store is sized for
-  decisions: there a refusal costs Redis only its decision. When the file holds `max_entries`
-  lines it is renamed to `<name>.1` (replacing the one before) and a new file starts, so the
-  disk holds at most twice `max_entries` entries.
+- every Redis store (one server, Cluster, Sentinel): a capped stream, `<key_prefix>:ledger`
+  (`XADD ... MAXLEN ~ ledger.max_entries`), shared by every replica and worker, one JSON entry
+  per stream entry in field `e`;
+- the memory store: a JSON-lines file, `ledger.path`, by default `var/ledger.jsonl` next to the
+  gateway YAML. When it holds `max_entries` lines it is renamed to `<name>.1` (replacing the one
+  before) and a new file starts, so the disk holds at most twice `max_entries` entries.
 
 Nothing in the call path waits for the ledger: `LedgerWriter.observe` appends the finished
 call's Outcome to an in-memory queue (bounded; the oldest are dropped and counted if the store
@@ -47,14 +44,13 @@ from gateway.settings import IdentityMode, Settings
 from gateway.yamlread import parse_duration
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    from redis.asyncio import Redis, RedisCluster
 
     from gateway.app import Outcome
 
 log = logging.getLogger("gateway.ledger")
 shadow_log = logging.getLogger("gateway.shadow")
 RECORDED = frozenset({"rejected", "shadow"})
-STREAM_SCHEMES = frozenset({"redis", "rediss"})
 FLUSH_INTERVAL = 0.25
 MAX_PENDING = 100_000
 _ENCODE_SLICE = 256  # entries encoded between yields to the event loop
@@ -233,7 +229,7 @@ class StreamSink:
     # decisions queued behind an append never wait long.
     batch = 100
 
-    def __init__(self, client: Redis, key: str, max_entries: int, where: str,
+    def __init__(self, client: Redis | RedisCluster, key: str, max_entries: int, where: str,
                  closer: Callable[[], Awaitable[None]] | None = None) -> None:
         self._client = client
         self._closer = closer
@@ -395,22 +391,22 @@ def ledger_path(settings: Settings) -> Path:
 
 
 def ledger_sink(settings: Settings) -> LedgerSink:
-    """The sink that goes with the store: a Redis stream for `redis://` and `rediss://`, a file
-    otherwise (memory; and Cluster or Sentinel, see the module docstring)."""
-    if urlsplit(settings.store.url).scheme not in STREAM_SCHEMES:
+    """The sink that goes with the store: a Redis stream for every Redis store (one server,
+    Cluster or Sentinel), a file for the memory store."""
+    if urlsplit(settings.store.url).scheme == "memory":
         return FileSink(ledger_path(settings), settings.ledger.max_entries)
     from gateway.limiter.factory import limiter_from_url
+    from gateway.limiter.redis import RedisLimiter
 
-    # The store URL is read exactly as the limiter reads it, but into a pool of its own, with
-    # timeouts made for background writes rather than decisions: a write timed out after it
-    # reached Redis would be written twice on its retry.
+    # The store URL is read exactly as the limiter reads it (one parser for every scheme), but
+    # into a pool of its own, with timeouts made for background writes rather than decisions:
+    # a write timed out after it reached Redis would be written twice on its retry.
     store = dataclasses.replace(settings.store, timeout=2.0, connect_timeout=1.0, pool_size=4)
     owner = limiter_from_url(store)
-    client = getattr(owner.primary, "_client", None)
-    if client is None:
+    if not isinstance(owner.primary, RedisLimiter):
         raise ConfigError([f"{settings.source}:1: store: {owner.label} has no Redis client "
                            "for the ledger stream"])
-    return StreamSink(client, f"{settings.store.key_prefix}:ledger",
+    return StreamSink(owner.primary.client, f"{settings.store.key_prefix}:ledger",
                       settings.ledger.max_entries, owner.label, owner.close)
 
 
@@ -472,7 +468,7 @@ def print_ledger(config: Path, *, identity: str | None = None, since: str | None
 
 
 def ledger_sink_label(settings: Settings) -> str:
-    if urlsplit(settings.store.url).scheme in STREAM_SCHEMES:
+    if urlsplit(settings.store.url).scheme != "memory":
         return f"the Redis stream {settings.store.key_prefix}:ledger"
     return str(ledger_path(settings))
 

@@ -267,14 +267,27 @@ async def test_observing_costs_no_io(monkeypatch: pytest.MonkeyPatch) -> None:
     assert writer.status()["pending"] == 1
 
 
-async def test_a_cluster_store_keeps_a_file_ledger_per_replica(
+async def test_a_cluster_store_ledger_is_one_stream_on_the_cluster(
         stack_factory: StackFactory, redis_cluster_url: str) -> None:
     stack = await stack_factory({"a.yaml": OMS, "b.yaml": DRRS.format(per="30s")},
                                 store=redis_cluster_url)
-    assert stack.running.ledger.sink.name == "file"
+    assert stack.running.ledger.sink.name == "redis-stream"
     sent = await _send_faults(stack)
     await stack.running.ledger.flush()
     out = io.StringIO()
     assert await _cli(stack.folder / "gateway.yaml", as_json=True, out=out) == 0
     entries = [LedgerEntry(**e) for e in json.loads(out.getvalue())]
     _check_entries(entries, sent)
+
+
+async def test_a_sentinel_store_ledger_is_a_stream_on_the_master(
+        stack_factory: StackFactory, redis_sentinel_url: str) -> None:
+    stack = await stack_factory(OMS, store=redis_sentinel_url)
+    assert stack.running.ledger.sink.name == "redis-stream"
+    client = stack.client()
+    answers = [await stack.soap(client, "oms", OMS_RETRIEVE) for _ in range(3)]
+    faults = [a.headers["X-Request-Id"] for a in answers if a.status == 500]
+    assert len(faults) == 2
+    await stack.running.ledger.flush()
+    entries = await stack.running.ledger.sink.read(Query(identity="jdoex1234"))
+    assert [e.request_id for e in entries] == faults
