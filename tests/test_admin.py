@@ -9,6 +9,7 @@ import json
 import logging
 import socket
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -322,3 +323,17 @@ async def test_policies_and_explain_show_the_access_list(stack_factory: StackFac
     assert await provisioned(JDOE, "OMS") is True  # by organisation
     assert await provisioned(JDOE, "DRRS") is False
     assert await provisioned("CN=asmithx5678,OU=people,O=CAISO,C=US", "DRRS") is True
+
+
+async def test_refused_handshakes_are_counted_by_reason(stack_factory: StackFactory) -> None:
+    stack = await stack_factory(OMS)
+    anonymous = stack.client(None)  # no client certificate
+    with pytest.raises(aiohttp.ClientError):
+        await stack.soap(anonymous, "oms", OMS_RETRIEVE)
+
+    async def counted() -> bool:
+        m = samples((await admin(stack, "GET", "/metrics"))[1])
+        return sum(v for (name, _), v in m.items()
+                   if name == "aup_tls_handshakes_refused_total") >= 1
+
+    await wait_for(counted, what="the refused handshake in the metrics")
