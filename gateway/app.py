@@ -24,6 +24,7 @@ from gateway.errors import UpstreamError
 from gateway.forward import BodyTooLarge, Upstreams
 from gateway.identity import ClientIdentity, IdentityCache
 from gateway.limiter.base import Decision, Limiter, limiter_key
+from gateway.limiter.fallback import ResilientLimiter
 from gateway.policy import Policy, PolicySet, load_policies
 from gateway.routing import NoRoute, Router, Target, route_by_body
 from gateway.settings import Application, Settings
@@ -63,7 +64,9 @@ class Gateway:
         self.settings = settings
         self.router = Router(settings)
         self.policies = policies if policies is not None else load_policies(settings)
-        self.limiter = limiter
+        # Always behind the store-failure policy, so a policy's own on_store_error applies.
+        self.limiter = limiter if isinstance(limiter, ResilientLimiter) else ResilientLimiter(
+            limiter, mode=settings.on_store_error)
         self.upstreams = Upstreams(settings)
         self.identities = IdentityCache()
         # Called with every finished call's Outcome: access log, metrics, ledger. They must
@@ -155,7 +158,8 @@ class Gateway:
             return None
         key = outcome.key = limiter_key(key_identity, target.application.name, target.service)
         asked = time.perf_counter()
-        decision: Decision = await self.limiter.decide(key, rate)
+        decision: Decision = await self.limiter.decide(key, rate,
+                                                       on_error=policy.on_store_error)
         outcome.store_latency = time.perf_counter() - asked
         outcome.store_time = decision.now
         if decision.allowed:

@@ -245,3 +245,21 @@ async def test_no_client_certificate_is_refused_at_the_handshake(
         with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
             await stack.soap(client, "oms", OMS_RETRIEVE)
     assert (await stack.soap(stack.client("jdoex1234"), "oms", OMS_RETRIEVE)).status == 200
+
+
+async def test_a_policys_on_store_error_overrides_the_global_choice(
+        stack_factory: StackFactory) -> None:
+    with socket.socket() as probe:  # a Redis that is not there
+        probe.bind(("127.0.0.1", 0))
+        dead_redis = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+    policies = """\
+    policies:
+      - {name: oms-local, application: OMS, services: [RetrieveA*], limit: 1, per: 5s}
+      - {name: oms-deny, application: OMS, services: [RetrieveB*], limit: 1, per: 5s,
+         on_store_error: deny}
+    """
+    stack = await stack_factory(policies, store=dead_redis)
+    client = stack.client()
+    assert (await stack.soap(client, "oms", "RetrieveA_OMSv1_AP")).status == 200  # local
+    assert (await stack.soap(client, "oms", "RetrieveA_OMSv1_AP")).status == 500  # local, exact
+    assert (await stack.soap(client, "oms", "RetrieveB_OMSv1_AP")).status == 500  # denied
