@@ -40,8 +40,13 @@ NGINX_FAULT_BODY = (
     "<faultstring>Acceptable Use Policy violation: retry later.</faultstring>"
     "</soapenv:Fault></soapenv:Body></soapenv:Envelope>"
 )
-# The "allowed" rate never trips at any rate this machine reaches; "rejected" is OMS's rule.
-ALLOWED_LIMIT, ALLOWED_PER = 1_000_000, "1s"
+# "allowed" never trips, and keeps the limiter's sliding log as short as a real policy's: in a
+# 1 ms window there are at most a dozen calls at these rates (real AUPs: 1 call per 5 s, per 30
+# s). "allowed, long log" also never trips, but its log holds every call of the last second
+# (thousands), which shows what a policy with a large limit costs each decision.
+# "rejected" is OMS's rule.
+ALLOWED_LIMIT, ALLOWED_PER = 1000, "1ms"
+LONG_LOG_LIMIT, LONG_LOG_PER = 1_000_000, "1s"
 REJECTED_LIMIT, REJECTED_PER = 1, "5s"
 NGINX_ALLOWED_RATE = "1000000r/s"
 NGINX_REJECTED_RATE = "12r/m"  # 1 per 5 s
@@ -185,10 +190,16 @@ applications:
 """
 
 
+POLICIES = {
+    "allowed": (ALLOWED_LIMIT, ALLOWED_PER),
+    "long-log": (LONG_LOG_LIMIT, LONG_LOG_PER),
+    "rejected": (REJECTED_LIMIT, REJECTED_PER),
+}
+
+
 def policy_yaml(kind: str) -> str:
-    """One OMS policy: `allowed` never trips, `rejected` is 1 call per 5 s (OMS's real rule)."""
-    limit, per = (ALLOWED_LIMIT, ALLOWED_PER) if kind == "allowed" else (
-        REJECTED_LIMIT, REJECTED_PER)
+    """One OMS policy: `allowed` and `long-log` never trip, `rejected` is OMS's 1 per 5 s."""
+    limit, per = POLICIES[kind]
     return f"""\
 policies:
   - name: bench-{kind}

@@ -64,7 +64,11 @@ class Processes:
     def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None,
               cwd: Path | None = None) -> Proc:
         log = self.folder / f"{name}.log"
-        with log.open("ab") as out:
+        serial = 1
+        while log.exists():  # one log per process, even when a name comes back
+            serial += 1
+            log = self.folder / f"{name}-{serial}.log"
+        with log.open("wb") as out:
             popen = subprocess.Popen(
                 list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, cwd=cwd, start_new_session=True,

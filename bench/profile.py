@@ -25,7 +25,7 @@ def pyspy_available() -> bool:
 def pyspy_command(pid: int, seconds: float, raw: Path, rate: int = 250) -> list[str]:
     return [
         "py-spy", "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
-        "--rate", str(rate), "--format", "raw", "--function", "--nonblocking",
+        "--rate", str(rate), "--format", "raw", "--function", "--nonblocking", "--threads",
         "--output", str(raw),
     ]
 
@@ -42,6 +42,7 @@ def _short(frame: str) -> str:
 def summarise(raw_text: str, top: int = 30, title: str = "") -> str:
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
     samples = 0
     for line in raw_text.splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -49,11 +50,20 @@ def summarise(raw_text: str, top: int = 30, title: str = "") -> str:
             continue
         count = int(count_text)
         samples += count
-        frames = [_short(f) for f in stack.split(";")]
+        raw_frames = stack.split(";")
+        if raw_frames[0].startswith("thread ("):  # --threads: "thread (tid): name"
+            threads[raw_frames[0].partition(": ")[2] or raw_frames[0]] += count
+            raw_frames = raw_frames[1:] or ["(no Python frame)"]
+        frames = [_short(f) for f in raw_frames]
         own[frames[-1]] += count
         for frame in set(frames):
             total[frame] += count
-    lines = [title, f"{samples} samples of busy time (idle event-loop waits are not sampled)", ""]
+    lines = [title, f"{samples} samples of busy time (idle event-loop waits are not sampled)"]
+    if threads:
+        # Worker threads (asyncio_N: asyncio.to_thread) also count while they wait for the GIL.
+        lines.append("by thread: " + ", ".join(
+            f"{name} {100 * n / max(samples, 1):.1f}%" for name, n in threads.most_common()))
+    lines.append("")
     for heading, counter in (("self", own), ("total (inclusive)", total)):
         lines.append(f"top {top} by {heading} time:")
         lines.append(f"{'%':>6}  {'samples':>7}  function (file)")

@@ -20,6 +20,9 @@ from bench.ab import AbResult
 
 Target = Literal["direct", "nginx", "gateway"]
 Kind = Literal["allowed", "rejected", "direct"]
+# The gateway's policy for a row: as the kind says, or "long-log" (allowed, but a policy whose
+# sliding log holds every call of the last second).
+Policy = Literal["", "long-log"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,11 @@ class Scenario:
     kind: Kind
     store: str = ""  # gateway only: memory | redis
     workers: int = 1
+    policy: Policy = ""
+
+    @property
+    def policy_kind(self) -> str:
+        return self.policy or self.kind
 
     @property
     def name(self) -> str:
@@ -35,7 +43,8 @@ class Scenario:
             return "direct upstream (nginx, mTLS)"
         what = f"gateway {self.store}" if self.target == "gateway" else "nginx"
         workers = f", {self.workers} workers" if self.workers > 1 else ""
-        return f"{what} {self.kind}{workers}"
+        log = ", long log (1000000 per 1s)" if self.policy == "long-log" else ""
+        return f"{what} {self.kind}{workers}{log}"
 
     @property
     def slug(self) -> str:
@@ -55,11 +64,19 @@ class Row:
     foreign_cores: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def cpu_us_per_call(self) -> float | None:
+        """The server's CPU time per call: what it costs, whoever else wants the CPUs."""
+        if self.result is None or not self.result.rps or not self.server_cores:
+            return None
+        return self.server_cores * 1e6 / self.result.rps
+
 
 def _find(rows: Sequence[Row], target: Target, kind: Kind, workers: int) -> Row | None:
     for row in rows:
         s = row.scenario
-        if s.target == target and s.kind == kind and s.workers == workers and row.result:
+        if (s.target == target and s.kind == kind and s.workers == workers and not s.policy
+                and row.result):
             return row
     return None
 
@@ -84,19 +101,21 @@ def _num(value: float | None, digits: int = 2) -> str:
 
 def load_table(rows: Sequence[Row]) -> str:
     lines = [
-        "| scenario | req/s | p50 ms | p99 ms | non-2xx % | vs nginx | vs direct | RSS MiB |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| scenario | req/s | p50 ms | p99 ms | non-2xx % | vs nginx | vs direct "
+        "| server CPU µs/call | RSS MiB |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
         r = row.result
         if r is None:
-            lines.append(f"| {row.scenario.name} | failed: {row.error} | | | | | | |")
+            lines.append(f"| {row.scenario.name} | failed: {row.error} | | | | | | | |")
             continue
         vs_nginx, vs_direct = ratios(rows, row)
         rss = f"{row.rss_kib / 1024:.0f}" if row.rss_kib else ""
         lines.append(
             f"| {row.scenario.name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
-            f"| {r.non_2xx_pct:.1f} | {_num(vs_nginx)} | {_num(vs_direct)} | {rss} |"
+            f"| {r.non_2xx_pct:.1f} | {_num(vs_nginx)} | {_num(vs_direct)} "
+            f"| {_num(row.cpu_us_per_call, 0)} | {rss} |"
         )
     return "\n".join(lines)
 
@@ -107,7 +126,7 @@ def targets(rows: Sequence[Row]) -> list[str]:
     memory_rows = [r for r in rows if r.scenario.store == "memory"]
     for row in rows:
         s = row.scenario
-        if s.target != "gateway" or row.result is None:
+        if s.target != "gateway" or row.result is None or s.policy:
             continue
         reached = []
         vs_nginx, _ = ratios(rows, row)
@@ -182,7 +201,17 @@ def machine() -> dict[str, str]:
         uvloop_version = uvloop.__version__
     except ImportError:
         uvloop_version = "not installed"
+    def git(*argv: str) -> str:
+        try:
+            done = subprocess.run(["git", *argv], capture_output=True, text=True, timeout=10,
+                                  cwd=Path(__file__).resolve().parent.parent)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout.strip()
+
+    dirty = " with uncommitted changes" if git("status", "--porcelain", "--", "gateway") else ""
     return {
+        "revision": git("rev-parse", "--short", "HEAD") + dirty,
         "cpus": str(os.cpu_count()),
         "cpu": model,
         "kernel": platform.release(),
@@ -198,4 +227,4 @@ def machine() -> dict[str, str]:
 def machine_line(m: dict[str, str]) -> str:
     return (f"{m['cpus']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}, "
             f"aiohttp {m['aiohttp']}, uvloop {m['uvloop']}, nginx {m['nginx']}, ab {m['ab']}, "
-            f"Redis {m['redis']}")
+            f"Redis {m['redis']}; gateway at {m['revision']}")

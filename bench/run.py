@@ -73,9 +73,11 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("nginx", "rejected", workers=2),
     Scenario("gateway", "allowed", "redis", workers=2),
     Scenario("gateway", "rejected", "redis", workers=2),
+    Scenario("gateway", "allowed", "redis", policy="long-log"),
 )
 _FOREIGN_LIMIT = 0.15  # CPUs used by processes the bench did not start
-PROFILED = tuple(s for s in SCENARIOS if s.target == "gateway" and s.workers == 1)
+PROFILED = tuple(s for s in SCENARIOS
+                 if s.target == "gateway" and s.workers == 1 and not s.policy)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -98,6 +100,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="distinct identities for the memory measurement (default 100000)")
     parser.add_argument("--profile", action="store_true",
                         help="profile the 1-worker gateway scenarios with py-spy instead")
+    parser.add_argument("--gateway-src", type=Path, default=ROOT,
+                        help="run the gateway package from this folder instead (a patched "
+                             "copy, to measure a change against the same nginx)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = parser.parse_args(argv)
     if args.seconds < 1:
@@ -197,11 +202,11 @@ class Bench:
             self.flush_redis()
         port = free_port()
         config = configs.write_gateway_config(self.folder / s.slug, self.certs, port,
-                                              self.upstream_http, store, s.kind)
+                                              self.upstream_http, store, s.policy_kind)
         env = {**os.environ, "LOG_LEVEL": "WARNING"}
         proc = self.procs.start(s.slug, [sys.executable, "-m", "gateway", "serve", "--config",
                                          str(config), "--workers", str(s.workers)],
-                                env=env, cwd=ROOT)
+                                env=env, cwd=self.args.gateway_src.resolve())
         wait_listening(proc, port, count=s.workers, timeout=30)
         return proc, port, True
 
@@ -221,6 +226,7 @@ class Bench:
 
     def ab(self, name: str, port: int, seconds: float) -> AbResult:
         csv = self.folder / f"{name}.csv"
+        csv.unlink(missing_ok=True)
         cmd = ab_command(port, self.bundle, self.body, seconds, self.args.connections, csv)
         proc = self.procs.start(name, cmd)
         try:
@@ -412,13 +418,15 @@ def execute(args: argparse.Namespace, folder: Path, procs: Processes) -> int:
         "time": stamp,
         "machine": info,
         "settings": {"seconds": args.seconds, "warmup": args.warmup,
-                     "connections": args.connections},
+                     "connections": args.connections, "gateway_src": str(args.gateway_src)},
         "rows": [
             {"scenario": r.scenario.name, "target": r.scenario.target, "kind": r.scenario.kind,
+             "policy": configs.POLICIES.get(r.scenario.policy_kind),
              "store": r.scenario.store, "workers": r.scenario.workers,
              "result": r.result.as_dict() if r.result else None, "error": r.error,
              "rss_kib": r.rss_kib, "server_cpus": round(r.server_cores, 2),
              "ab_cpus": round(r.ab_cores, 2), "other_cpus": round(r.foreign_cores, 2),
+             "server_cpu_us_per_call": round(r.cpu_us_per_call or 0, 1),
              "warnings": r.warnings}
             for r in rows
         ],

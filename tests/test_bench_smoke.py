@@ -57,7 +57,9 @@ def test_peer_nginx_config_is_valid(tmp_path: Path, certs: DemoCerts, workers: i
     _nginx_t(tmp_path, text)
 
 
-@pytest.mark.parametrize("kind, limit, per", [("allowed", 1_000_000, 1.0), ("rejected", 1, 5.0)])
+@pytest.mark.parametrize("kind, limit, per", [
+    ("allowed", 1000, 0.001), ("long-log", 1_000_000, 1.0), ("rejected", 1, 5.0),
+])
 @pytest.mark.parametrize("store", ["memory://", "redis://127.0.0.1:6390/0"])
 def test_gateway_config_loads(tmp_path: Path, certs: DemoCerts, kind: str, limit: int,
                               per: float, store: str) -> None:
