@@ -173,7 +173,9 @@ async def test_one_master_down_mid_traffic(
     assert by_source["local"] > 0 and lim.store_errors > 0
     assert slowest < settings.timeout + settings.connect_timeout + 0.25  # deadline + scheduling
     after = Counter(source for when, _, _, source in calls if when > restarted + 0.5)
-    assert after["store"] >= 0.9 * sum(after.values()), after
+    # decided by the store again: by a round trip, or by a lock the store gave (the lock cache)
+    assert after["store"] + after["cache"] >= 0.9 * sum(after.values()), after
+    assert after["store"] > 0
     # Back on the cluster, exact again.
     fresh = key("CN=after-outage")
     decisions = await asyncio.gather(*(lim.decide(fresh, Rate(3, 30.0)) for _ in range(60)))

@@ -129,7 +129,9 @@ async def test_master_killed_during_calls_fails_over_and_stays_exact(
     assert slowest < TIMEOUT + CONNECT_TIMEOUT + MARGIN
     assert slowest_direct < TIMEOUT + CONNECT_TIMEOUT + MARGIN
     after = Counter(s for t, _, s in limiter_calls if t > back)
-    assert after["store"] >= 0.9 * sum(after.values()), after
+    # decided by the store again: by a round trip, or by a lock the store gave (the lock cache)
+    assert after["store"] + after["cache"] >= 0.9 * sum(after.values()), after
+    assert after["store"] > 0
 
     assert new_master != old_master
     assert sum(a.allowed for a in burst) == 3, Counter(a.status for a in burst)

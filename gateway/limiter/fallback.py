@@ -20,6 +20,7 @@ still record the calls it was sent before they timed out. Both err on the side o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,18 +28,21 @@ from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, runtime_checkable
 
 from gateway.errors import StoreUnavailable
 from gateway.limiter.base import Decision, KeyState, Limiter, Rate
+from gateway.limiter.lockcache import LockCache
 from gateway.limiter.memory import MemoryLimiter
 
 if TYPE_CHECKING:
     from gateway.settings import StoreErrorMode
 
 StoreState = Literal["ok", "fallback"]
-Source = Literal["store", "local", "allow", "deny"]
+Source = Literal["store", "cache", "local", "allow", "deny"]
 _T = TypeVar("_T")
 
 # Every way a store call can fail that the fallback covers. TimeoutError and ConnectionError are
 # OSErrors; RedisLimiter already turns its own errors into StoreUnavailable.
 _STORE_ERRORS = (StoreUnavailable, OSError)
+# Early retries of reset policies recorded in the background at most this many at a time.
+_MAX_BACKGROUND = 256
 
 
 @runtime_checkable
@@ -72,6 +76,9 @@ class ResilientLimiter:
         self.mode: StoreErrorMode = mode
         self.cooldown = cooldown
         self.fallback = fallback if fallback is not None else MemoryLimiter(clock)
+        # A remote store's locked keys are answered locally until their lock ends (lockcache.py).
+        self.locks = LockCache(monotonic) if not isinstance(primary, MemoryLimiter) else None
+        self._retries: set[asyncio.Task[None]] = set()
         self.label = label or primary.name
         self._clock = clock
         self._monotonic = monotonic
@@ -125,22 +132,49 @@ class ResilientLimiter:
         now: float | None = None,
         on_error: StoreErrorMode | None = None,
     ) -> tuple[Decision, Source]:
-        """The decision and who made it: the store, or which `on_store_error` mode."""
+        """The decision and who made it: the store (or its cached lock), or which mode."""
+        locks = self.locks
+        # With a reset policy, the cache answers only while the early retry it must record can
+        # go in the background; when too many are queued the caller waits for the store.
+        if locks is not None and now is None and not (
+                rate.reset_on_early_retry and len(self._retries) >= _MAX_BACKGROUND):
+            cached = locks.get(key, rate)
+            if cached is not None:
+                if rate.reset_on_early_retry:
+                    self._record_retry(key, rate)
+                return cached, "cache"
+        decision = await self._store_decide(key, rate, now)
+        if decision is None:
+            return self._degraded(key, rate, now, on_error or self.mode)
+        return decision, "store"
+
+    async def _store_decide(self, key: str, rate: Rate, now: float | None) -> Decision | None:
+        """The store's decision through the breaker; None when the store could not give one."""
         admitted = self._admit()
-        if admitted:
-            try:
-                self.store_calls += 1
-                decision = await self.primary.decide(key, rate, now)
-            except _STORE_ERRORS as exc:
-                self._failed(exc)
-            else:
-                if self._open_until is not None:
-                    self._succeeded()
-                return decision, "store"
-            finally:
-                if admitted == "probe":
-                    self._probing = False
-        return self._degraded(key, rate, now, on_error or self.mode)
+        if not admitted:
+            return None
+        sent = self._monotonic()
+        try:
+            self.store_calls += 1
+            decision = await self.primary.decide(key, rate, now)
+        except _STORE_ERRORS as exc:
+            self._failed(exc)
+            return None
+        finally:
+            if admitted == "probe":
+                self._probing = False
+        if self._open_until is not None:
+            self._succeeded()
+        if self.locks is not None and now is None:
+            self.locks.remember(key, rate, decision, sent)
+        return decision
+
+    def _record_retry(self, key: str, rate: Rate) -> None:
+        """An early retry of a reset policy still moves the lockout in the store: record it in
+        the background, so the caller, already answered, does not wait for it."""
+        task = asyncio.ensure_future(self._store_decide(key, rate, None))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
 
     async def peek(self, key: str, rate: Rate, now: float | None = None) -> KeyState:
         """The store's view of the key, or the local fallback's while the store is away."""
@@ -149,6 +183,8 @@ class ResilientLimiter:
 
     async def clear(self, key: str) -> bool:
         """Clear the key everywhere; raises StoreUnavailable if the store could not be cleared."""
+        if self.locks is not None:
+            self.locks.forget(key)
         cleared = False
         if self.fallback is not self.primary:
             cleared = await self.fallback.clear(key)
@@ -158,6 +194,8 @@ class ResilientLimiter:
         return in_store or cleared
 
     async def close(self) -> None:
+        if self._retries:
+            await asyncio.gather(*self._retries, return_exceptions=True)
         await self.primary.close()
         if self.fallback is not self.primary:
             await self.fallback.close()
