@@ -78,7 +78,7 @@ class ResilientLimiter:
         self.fallback = fallback if fallback is not None else MemoryLimiter(clock)
         # A remote store's locked keys are answered locally until their lock ends (lockcache.py).
         self.locks = LockCache(monotonic) if not isinstance(primary, MemoryLimiter) else None
-        self._retries: set[asyncio.Task[None]] = set()
+        self._retries: set[asyncio.Task[Decision | None]] = set()
         self.label = label or primary.name
         self._clock = clock
         self._monotonic = monotonic
