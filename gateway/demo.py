@@ -33,7 +33,8 @@ def curl_session(settings: Settings, certs_dir: Path) -> str:
     clients = _rel(certs_dir / "clients")
 
     def soap(user: str, app: str, service: str) -> str:
-        return f'$CURL --cert {clients}/{user}-bundle.pem -H "$SOAP" -d "$BODY" {base}/sst/{app}/{service}'
+        cert = f"{clients}/{user}-bundle.pem"
+        return f'$CURL --cert {cert} -H "$SOAP" -d "$BODY" {base}/sst/{app}/{service}'
 
     oms = soap("jdoex1234", "oms", "RetrieveCurrentOutages_OMSv1_AP")
     drrs = soap("jdoex1234", "drrs", "RetrieveDRLocations_DRRSv2_AP")

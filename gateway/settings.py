@@ -222,7 +222,7 @@ def _read_settings(top: Fields, source: Path) -> Settings | None:
     if apps is None:
         top.error("applications", "is required: at least one application")
     else:
-        for name in apps.keys():
+        for name in apps.names():
             node = apps.raw(name)
             if not _APP_NAME.match(name):
                 apps.error(name, "application names are letters, digits, '-' and '_'")
@@ -282,7 +282,8 @@ def _read_store(top: Fields) -> StoreSettings:
     if scheme not in STORE_SCHEMES:
         where = fields.error if fields else top.error
         where("url" if fields else "store",
-              f"unsupported store URL {store.url!r} (use {', '.join(s + '://' for s in STORE_SCHEMES)})")
+              f"unsupported store URL {store.url!r} "
+              f"(use {', '.join(s + '://' for s in STORE_SCHEMES)})")
     return store
 
 
@@ -302,11 +303,12 @@ def _read_application(f: Fields, name: str) -> Application | None:
     routes: list[Route] = []
     route_fields = f.sub("routes")
     if route_fields is not None:
-        for spec in route_fields.keys():
+        for spec in route_fields.names():
             service = route_fields.value(spec, str, "")
             match = _ROUTE.match(spec)
             if not match:
-                route_fields.error(spec, "a route is 'METHOD /path/{param}', e.g. 'GET /auction/v1.0/portfolio'")
+                route_fields.error(spec, "a route is 'METHOD /path/{param}', "
+                                   "e.g. 'GET /auction/v1.0/portfolio'")
                 continue
             routes.append(Route(match.group(1), match.group(2), service))
         route_fields.done()

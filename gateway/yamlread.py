@@ -100,7 +100,7 @@ class Fields:
     def _name(self, key: str) -> str:
         return f"{self.context}.{key}" if self.context else key
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return list(self._values)
 
     def has(self, key: str) -> bool:

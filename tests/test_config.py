@@ -66,8 +66,9 @@ def test_duplicate_names_across_files_are_reported(tmp_path: Path) -> None:
     (tmp_path / "gateway.yaml").write_text(GOOD)
     with pytest.raises(ConfigError) as caught:
         load_policies(load_settings(tmp_path / "gateway.yaml"))
-    _assert_reported(caught.value.problems, f"{tmp_path / 'policies' / 'b.yaml'}:2: name: "
-                     f"duplicate policy name 'same' (first in {tmp_path / 'policies' / 'a.yaml'}:2)")
+    first, second = tmp_path / "policies" / "a.yaml", tmp_path / "policies" / "b.yaml"
+    _assert_reported(caught.value.problems,
+                     f"{second}:2: name: duplicate policy name 'same' (first in {first}:2)")
 
 
 def test_every_problem_is_reported_not_just_the_first(tmp_path: Path) -> None:
@@ -105,7 +106,8 @@ def test_policy_match_order_and_methods(tmp_path: Path) -> None:
     (tmp_path / "policies" / "a.yaml").write_text(
         "policies:\n"
         "  - {name: first, application: oms, services: [RetrieveA*], limit: 1, per: 5s}\n"
-        "  - {name: second, application: OMS, services: ['*'], methods: [GET], limit: 2, per: 1m}\n")
+        "  - {name: second, application: OMS, services: ['*'], methods: [GET],\n"
+        "     limit: 2, per: 1m}\n")
     (tmp_path / "gateway.yaml").write_text(GOOD)
     policies = load_policies(load_settings(tmp_path / "gateway.yaml"))
     first = policies.match("OMS", "RetrieveAll", "POST")
