@@ -1,11 +1,13 @@
 """The cost of one limiter decision as the number of live keys grows: 1, 10,000, 1,000,000.
 
 Measured in-process, through the limiter that `serve` builds (`limiter_from_url`, so the
-fallback wrapper is included), with keys precomputed by `limiter_key` from distinct subject DNs
-so that only the decision is timed. Two kinds of decision at each size, both on the hot path:
+fallback wrapper and, with Redis, its local cache of locked keys are included), with keys
+precomputed by `limiter_key` from distinct subject DNs so that only the decision is timed. At
+each size, in random order over the live keys, so a big table's cache misses are paid:
 
-- `live`: a call for a key that is already live and over its limit (1 call per 60 s): a
-  rejection, in random order over the live keys, so a big table's cache misses are paid;
+- `live`: a repeated call for a key that is already live and over its limit (1 call per 60 s):
+  a rejection, as the gateway pays it (with Redis, the local lock cache answers repeats);
+- `store`: the same rejection asked of the store itself (Redis only: one round trip each);
 - `new`: a first call for a key not seen before: allowed, and inserts one more key.
 
 The memory store is timed one decision after another (it never waits). The Redis store is
@@ -56,9 +58,10 @@ def key(i: int) -> str:
 class Cost:
     store: str
     live_keys: int
-    live_us: float  # µs per decision for a live key (a rejection)
+    live_us: float  # µs per decision for a live key (a rejection), as the gateway pays it
     new_us: float  # µs per decision for a new key (allowed, inserts)
     mode: str  # "sequential" or "64 in flight"
+    store_us: float | None = None  # Redis: a live key's rejection asked of the store itself
     bytes_per_key: float | None = None  # the store's own memory per key (Redis)
 
     def as_dict(self) -> dict[str, object]:
@@ -115,18 +118,24 @@ async def redis_costs(url: str, sizes: tuple[int, ...] = SIZES, samples: int = 2
                 live = [key(rng.randrange(size)) for _ in range(samples)]
                 fresh = [key(size + i) for i in range(2 * samples)]
                 # now=None: the store's clock, as in production.
+                store = limiter.primary.decide
                 await _timed_sequential_store(limiter.decide, live[:1000])  # connect, warm up
+                seq_store = await _timed_sequential_store(store, live)
+                await _timed_parallel(limiter.decide, live)  # each sampled key seen once
                 seq_live = await _timed_sequential_store(limiter.decide, live)
                 seq_new = await _timed_sequential_store(limiter.decide, fresh[:samples])
+                par_store = await _timed_parallel(store, live)
                 par_live = await _timed_parallel(limiter.decide, live)
                 par_new = await _timed_parallel(limiter.decide, fresh[samples:])
                 assert limiter.store_errors == 0, limiter.status()
             finally:
                 await limiter.close()
-            results.append(Cost("redis", size, seq_live, seq_new, "sequential",
-                                round(per_key, 1)))
+            # Redis's memory per key is only meaningful over many keys.
+            bytes_per_key = round(per_key, 1) if size >= 1000 else None
+            results.append(Cost("redis", size, seq_live, seq_new, "sequential", seq_store,
+                                bytes_per_key))
             results.append(Cost("redis", size, par_live, par_new, f"{_CONCURRENCY} in flight",
-                                round(per_key, 1)))
+                                par_store, bytes_per_key))
         await admin.flushall()
     finally:
         await admin.aclose()

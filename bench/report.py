@@ -149,15 +149,17 @@ def _met(ok: bool) -> str:
 
 def costs_table(costs: Sequence[dict[str, object]]) -> str:
     lines = [
-        "| store | live keys | decisions | µs/decision, live key (rejected) "
-        "| µs/decision, new key (allowed) | store bytes/key |",
-        "|---|--:|---|--:|--:|--:|",
+        "| store | live keys | decisions | µs/decision, live key rejected again (as the gateway "
+        "pays it) | µs/decision, same asked of the store | µs/decision, new key allowed "
+        "| store bytes/key |",
+        "|---|--:|---|--:|--:|--:|--:|",
     ]
     for c in costs:
-        per_key = c.get("bytes_per_key")
+        per_key, store = c.get("bytes_per_key"), c.get("store_us")
         lines.append(
             f"| {c['store']} | {c['live_keys']:,} | {c['mode']} | {c['live_us']:.1f} "
-            f"| {c['new_us']:.1f} | {'' if per_key is None else f'{per_key:.0f}'} |"
+            f"| {'' if store is None else f'{store:.1f}'} | {c['new_us']:.1f} "
+            f"| {'' if per_key is None else f'{per_key:.0f}'} |"
         )
     return "\n".join(lines)
 
@@ -201,6 +203,12 @@ def machine() -> dict[str, str]:
         uvloop_version = uvloop.__version__
     except ImportError:
         uvloop_version = "not installed"
+    try:
+        import hiredis
+
+        hiredis_version = hiredis.__version__
+    except ImportError:
+        hiredis_version = "not installed"
     def git(*argv: str) -> str:
         try:
             done = subprocess.run(["git", *argv], capture_output=True, text=True, timeout=10,
@@ -218,6 +226,7 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
         "uvloop": uvloop_version,
+        "hiredis": hiredis_version,
         "nginx": version(["nginx", "-v"], r"nginx/(\S+)"),
         "ab": version(["ab", "-V"], r"Version (\S+)"),
         "redis": version(["redis-server", "--version"], r"v=(\S+)"),
@@ -226,5 +235,5 @@ def machine() -> dict[str, str]:
 
 def machine_line(m: dict[str, str]) -> str:
     return (f"{m['cpus']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}, "
-            f"aiohttp {m['aiohttp']}, uvloop {m['uvloop']}, nginx {m['nginx']}, ab {m['ab']}, "
-            f"Redis {m['redis']}; gateway at {m['revision']}")
+            f"aiohttp {m['aiohttp']}, uvloop {m['uvloop']}, hiredis {m['hiredis']}, "
+            f"nginx {m['nginx']}, ab {m['ab']}, Redis {m['redis']}; gateway at {m['revision']}")
