@@ -218,8 +218,9 @@ def machine() -> dict[str, str]:
         return done.stdout.strip()
 
     dirty = " with uncommitted changes" if git("status", "--porcelain", "--", "gateway") else ""
+    revision = git("rev-parse", "--short", "HEAD")
     return {
-        "revision": git("rev-parse", "--short", "HEAD") + dirty,
+        "revision": revision + dirty if revision else "an unknown revision (not a git checkout)",
         "cpus": str(os.cpu_count()),
         "cpu": model,
         "kernel": platform.release(),
