@@ -1,24 +1,27 @@
-"""The upstream side: one pooled client session per application, headers cleaned, bodies streamed.
+"""The upstream side: one keep-alive pool per application, headers cleaned, bodies streamed.
 
-Small bodies (with a Content-Length up to BUFFER_LIMIT) are read whole: one write instead of a
-stream of chunks is the cheaper path for the typical SOAP call. Larger or chunked bodies stream
-both ways with bounded buffers, and the request body is counted against the application's limit
-while it streams.
+The HTTP client itself is gateway/upstream.py; this module decides what goes upstream (which
+headers, the body whole or streamed and counted against the application's limit) and how the
+answer comes back. Small bodies (with a Content-Length up to BUFFER_LIMIT) are read whole: one
+write instead of a stream of chunks is the cheaper path for the typical SOAP call. Larger or
+chunked bodies stream both ways with bounded buffers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
-from yarl import URL
 
 from gateway.errors import UpstreamError
 from gateway.identity import ClientIdentity
 from gateway.settings import Application, Settings
+from gateway.upstream import UpstreamFailed, UpstreamPool, UpstreamResponse, UpstreamTimeout
+
+log = logging.getLogger("gateway")
 
 BUFFER_LIMIT = 256 * 1024
 CHUNK = 64 * 1024
@@ -39,37 +42,34 @@ OWNED = frozenset(
     )
 )
 _DROP_REQUEST = HOP_BY_HOP | OWNED
-_DROP_RESPONSE = HOP_BY_HOP
+# The upstream client hands over raw header names: compared as bytes, without decoding first.
+_DROP_RESPONSE = frozenset(h.encode() for h in HOP_BY_HOP)
 
 
 class BodyTooLarge(Exception):
     """The request body passed the application's max_body while streaming."""
 
 
+class RequestBodyFailed(Exception):
+    """Reading the client's body failed while it streamed upstream (the client went away)."""
+
+
 class Upstreams:
-    """One keep-alive client session per application, opened and closed with the app."""
+    """One keep-alive pool per application, opened and closed with the app."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
-        self._bases: dict[str, str] = {}
+        self._pools: dict[str, UpstreamPool] = {}
 
     async def start(self) -> None:
         for app in self._settings.applications.values():
-            connector = aiohttp.TCPConnector(limit=app.pool_size, keepalive_timeout=30,
-                                             ttl_dns_cache=300)
-            self._sessions[app.name] = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-                timeout=aiohttp.ClientTimeout(total=None, connect=app.connect_timeout,
-                                              sock_read=app.timeout),
-            )
-            self._bases[app.name] = app.upstream
+            self._pools[app.name] = UpstreamPool(
+                app.upstream, size=app.pool_size, connect_timeout=app.connect_timeout,
+                read_timeout=app.timeout)
 
     async def close(self) -> None:
-        await asyncio.gather(*(s.close() for s in self._sessions.values()))
-        self._sessions.clear()
+        await asyncio.gather(*(pool.close() for pool in self._pools.values()))
+        self._pools.clear()
 
     async def forward(self, request: web.BaseRequest, app: Application, upstream_path: str,
                       identity: ClientIdentity, request_id: str, max_body: int,
@@ -80,34 +80,29 @@ class Upstreams:
         """
         headers = upstream_headers(request, identity, request_id)
         length = request.content_length
-        data: bytes | AsyncIterator[bytes] | None
+        body: bytes | AsyncIterator[bytes] | None
         if length is not None and length > max_body:
             raise BodyTooLarge
         if length is not None and length <= BUFFER_LIMIT:
-            data = prefix + await request.read() if length else None
-            if length:
-                headers[hdrs.CONTENT_LENGTH] = str(length)
+            body = prefix + await request.read() if length else None
         elif request.body_exists:
-            data = _counted(request, max_body, prefix)
-            if length is not None:
-                headers[hdrs.CONTENT_LENGTH] = str(length)
+            body = _counted(request, max_body, prefix)
         else:
-            data = None
-        url = URL(self._bases[app.name] + upstream_path, encoded=True)
-        session = self._sessions[app.name]
+            body = None
         try:
-            async with session.request(request.method, url, headers=headers, data=data,
-                                       allow_redirects=False) as upstream:
-                return await _relay(request, upstream, request_id)
-        except BodyTooLarge:
-            raise
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            upstream = await self._pools[app.name].request(
+                request.method, upstream_path, headers.items(), body, content_length=length)
+            return await _relay(request, upstream, request_id)
+        # The reason reaches the client in the fault: it names no address; the log does.
+        except UpstreamTimeout as exc:
+            log.debug("%s upstream: %s", app.name, exc)
             raise UpstreamError(504, f"{app.name} upstream did not answer in time") from exc
-        except aiohttp.ClientError as exc:
-            if isinstance(exc.__cause__, BodyTooLarge):  # raised in _counted, wrapped by aiohttp
-                raise BodyTooLarge from exc
-            raise UpstreamError(502, f"{app.name} upstream unavailable: "
-                                     f"{type(exc).__name__}") from exc
+        except UpstreamFailed as exc:
+            log.debug("%s upstream: %s", app.name, exc)
+            raise UpstreamError(502, f"{app.name} upstream unavailable") from exc
+        except RequestBodyFailed as exc:
+            raise UpstreamError(502, f"{app.name} request body broke off: "
+                                     f"{type(exc.__cause__).__name__}") from exc
 
 
 def upstream_headers(request: web.BaseRequest, identity: ClientIdentity,
@@ -136,30 +131,46 @@ async def _counted(request: web.BaseRequest, max_body: int, prefix: bytes = b"",
     seen = len(prefix)
     if prefix:
         yield prefix
-    async for chunk in request.content.iter_chunked(CHUNK):
+    chunks = request.content.iter_chunked(CHUNK)
+    while True:
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except Exception as exc:  # whatever the client's side raised: not the upstream's fault
+            raise RequestBodyFailed from exc
         seen += len(chunk)
         if seen > max_body:
             raise BodyTooLarge
         yield chunk
 
 
-async def _relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, request_id: str,
+async def _relay(request: web.BaseRequest, upstream: UpstreamResponse, request_id: str,
                  ) -> web.StreamResponse:
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.headers.items():
-        if name.lower() not in _DROP_RESPONSE:
-            headers.add(name, value)
-    headers["X-Request-Id"] = request_id
+    headers = [(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+               for name, value in upstream.headers if name.lower() not in _DROP_RESPONSE]
+    headers.append(("X-Request-Id", request_id))
     length = upstream.content_length
-    if length is not None and length <= BUFFER_LIMIT:
-        body = await upstream.read()
-        return web.Response(status=upstream.status, reason=upstream.reason, headers=headers,
-                            body=body)
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    reason = upstream.reason or None
+    if upstream.complete or (length is not None and length <= BUFFER_LIMIT):
+        # Whole already (small chunked answers, HEAD, 204, 304) or small: one write to the client.
+        body = await upstream.read_all()
+        return web.Response(status=upstream.status, reason=reason, headers=headers, body=body)
+    response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
     if length is not None:
         response.content_length = length
-    await response.prepare(request)
-    async for chunk in upstream.content.iter_chunked(CHUNK):
-        await response.write(chunk)
+    try:
+        await response.prepare(request)
+        while chunk := await upstream.read():
+            await response.write(chunk)
+    except UpstreamFailed as exc:
+        # The status line is gone already: a cut connection is the only honest signal left
+        # (the client sees a short body or an unterminated chunked one, never a clean end).
+        log.warning("upstream failed mid-answer (%s); closing the client connection", exc)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    finally:
+        upstream.close()
     await response.write_eof()
     return response
