@@ -175,12 +175,18 @@ async def _timed_parallel(decide: object, keys: list[str]) -> float:
     return (time.perf_counter() - started) / len(keys) * 1e6
 
 
-def run_costs(redis_url: str | None, sizes: tuple[int, ...] = SIZES) -> list[Cost]:
-    async def both() -> list[Cost]:
+def run_costs(redis_url: str | None, sizes: tuple[int, ...] = SIZES,
+              ) -> tuple[list[Cost], str | None]:
+    """Memory-store costs, then Redis's; a failure is returned with what was measured before."""
+
+    async def both() -> tuple[list[Cost], str | None]:
         costs = await memory_costs(sizes)
         if redis_url:
-            costs += await redis_costs(redis_url, sizes)
-        return costs
+            try:
+                costs += await redis_costs(redis_url, sizes)
+            except Exception as exc:  # a broken store must not lose the rest of the run
+                return costs, f"Redis store: {type(exc).__name__}: {exc}"
+        return costs, None
 
     try:
         import uvloop

@@ -62,6 +62,7 @@ class Row:
     server_cores: float = 0.0
     ab_cores: float = 0.0
     foreign_cores: float = 0.0
+    store_calls: int = 0  # Redis rows: scripts Redis ran during the measured run
     warnings: list[str] = field(default_factory=list)
 
     @property

@@ -177,6 +177,18 @@ class Bench:
         finally:
             client.close()
 
+    def evalsha_calls(self) -> int:
+        """Scripts Redis has run so far: how many calls reached the store during a row."""
+        import redis
+
+        client = redis.Redis(port=self.redis_port)
+        try:
+            stats = client.info("commandstats")
+        finally:
+            client.close()
+        return sum(int(v.get("calls", 0)) for k, v in stats.items()
+                   if k in ("cmdstat_evalsha", "cmdstat_eval"))
+
     def _start_nginx(self, name: str, prefix: Path, conf: Path) -> Proc:
         return self.procs.start(name, [self.nginx, "-p", f"{prefix}/", "-e",
                                        str(prefix / "error.log"), "-c", str(conf)])
@@ -277,7 +289,13 @@ class Bench:
                 spy = self.procs.start(f"py-spy-{s.slug}", pyspy_command(
                     server.pid, self.args.seconds, profile_to.with_suffix(".raw")))
                 time.sleep(0.3)  # let py-spy attach before the load starts
+            evalsha = self.evalsha_calls() if s.store == "redis" else 0
             row.result = self._measured(s, row, server, port)
+            if s.store == "redis":
+                row.store_calls = self.evalsha_calls() - evalsha
+                if "unreachable" in server.log.read_text(errors="replace"):
+                    row.warnings.append("the gateway lost Redis and decided with its local "
+                                        "fallback: not a Redis-store measurement")
             row.rss_kib = rss_kib(server.pid) + sum(rss_kib(p) for p in child_pids(server.pid))
             if spy is not None and profile_to is not None:
                 spy.popen.wait(30)
@@ -323,6 +341,8 @@ def _progress(row: Row) -> None:
                 f"{row.server_cores:.2f} ab {row.ab_cores:.2f} other {row.foreign_cores:.2f}")
     else:
         line = f"{row.scenario.name:<36} failed: {row.error}"
+    if r is not None and row.scenario.store == "redis" and r.complete:
+        line += f"  store calls/call {row.store_calls / r.complete:.2f}"
     print(line, file=sys.stderr)
     for warning in row.warnings:
         print(f"{'':<36} warning: {warning}", file=sys.stderr)
@@ -343,7 +363,8 @@ def _memory_per_identity(bench: Bench, count: int) -> dict[str, object]:
 
 
 def markdown(info: dict[str, str], args: argparse.Namespace, rows: Sequence[Row],
-             costs: Sequence[dict[str, object]], memory: dict[str, object] | None) -> str:
+             costs: Sequence[dict[str, object]], memory: dict[str, object] | None,
+             failures: Sequence[str] = ()) -> str:
     parts = [
         f"Machine: {machine_line(info)}. ab, nginx, Redis and the gateway share these CPUs.",
         "",
@@ -361,6 +382,11 @@ def markdown(info: dict[str, str], args: argparse.Namespace, rows: Sequence[Row]
     if memory:
         parts += ["", "Memory per identity (in-process, see bench/memory.py):", "",
                   *memory_lines(memory)]
+    disturbed = [r.scenario.name for r in rows if r.warnings]
+    if disturbed or failures:
+        parts += ["", "Warnings:", ""]
+        parts += [f"- {r.scenario.name}: {w}" for r in rows for w in r.warnings]
+        parts += [f"- failed: {f}" for f in failures]
     return "\n".join(parts) + "\n"
 
 
@@ -404,15 +430,24 @@ def execute(args: argparse.Namespace, folder: Path, procs: Processes) -> int:
 
     costs: list[dict[str, object]] = []
     memory = None
+    failures: list[str] = []
     if not args.no_keys:
         from bench.keys import run_costs
 
         print("bench: cost per decision at 1, 10,000 and 1,000,000 live keys ...", file=sys.stderr)
-        costs = [c.as_dict() for c in run_costs(bench.redis_url)]
+        measured, failure = run_costs(bench.redis_url)
+        costs = [c.as_dict() for c in measured]
+        if failure:
+            failures.append(f"decision costs: {failure}")
         print(f"bench: memory per identity ({args.identities:,} identities) ...", file=sys.stderr)
-        memory = _memory_per_identity(bench, args.identities)
+        try:
+            memory = _memory_per_identity(bench, args.identities)
+        except (RuntimeError, OSError, ValueError) as exc:
+            failures.append(f"memory per identity: {exc}")
+    for failure in failures:
+        print(f"bench: failed: {failure}", file=sys.stderr)
 
-    text = markdown(info, args, rows, costs, memory)
+    text = markdown(info, args, rows, costs, memory, failures)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     record = {
         "time": stamp,
@@ -427,11 +462,13 @@ def execute(args: argparse.Namespace, folder: Path, procs: Processes) -> int:
              "rss_kib": r.rss_kib, "server_cpus": round(r.server_cores, 2),
              "ab_cpus": round(r.ab_cores, 2), "other_cpus": round(r.foreign_cores, 2),
              "server_cpu_us_per_call": round(r.cpu_us_per_call or 0, 1),
+             "store_calls": r.store_calls,
              "warnings": r.warnings}
             for r in rows
         ],
         "decision_costs": costs,
         "memory_per_identity": memory,
+        "failures": failures,
     }
     for name in (f"bench-{stamp}", "latest"):
         (args.out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
