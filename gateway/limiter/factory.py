@@ -50,7 +50,7 @@ from gateway.errors import ConfigError
 from gateway.limiter.base import Limiter
 from gateway.limiter.fallback import ResilientLimiter
 from gateway.limiter.memory import MemoryLimiter
-from gateway.limiter.redis import RedisLimiter
+from gateway.limiter.redis import Pipeline, RedisLimiter, Target
 from gateway.settings import StoreErrorMode, StoreSettings
 
 Clock = Callable[[], float]
@@ -140,8 +140,29 @@ def _redis(store: StoreSettings, parts: SplitResult, clock: Clock) -> tuple[Limi
         Redis.from_pool(pool),
         deadline=store.timeout + store.connect_timeout,
         key_prefix=store.key_prefix,
+        pipeline=Pipeline(_target(store, kwargs)),
     )
     return limiter, label
+
+
+def _target(store: StoreSettings, kwargs: dict[str, Any]) -> Target:
+    """The decisions' pipelined connection: the same server, credentials, database, name and TLS
+    as the redis-py pool's connections (the TLS context is the one redis-py would build)."""
+    ssl_context = None
+    if kwargs["connection_class"] is SSLConnection:
+        ssl_context = SSLConnection(**{k: v for k, v in kwargs.items() if k != "connection_class"}
+                                    ).ssl_context.get()  # fmt: skip
+    return Target(
+        host=kwargs["host"],
+        port=kwargs["port"],
+        timeout=store.timeout,
+        connect_timeout=store.connect_timeout,
+        ssl_context=ssl_context,
+        username=kwargs.get("username"),
+        password=kwargs.get("password"),
+        db=kwargs.get("db", 0),
+        client_name=kwargs.get("client_name"),
+    )
 
 
 def redis_connection_kwargs(store: StoreSettings, parts: SplitResult) -> tuple[dict[str, Any], str]:
