@@ -10,11 +10,12 @@ signals, and skipping them is measurably cheaper per request.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from aiohttp import hdrs, web
@@ -69,6 +70,8 @@ class Gateway:
             limiter, mode=settings.on_store_error)
         self.upstreams = Upstreams(settings)
         self.identities = IdentityCache()
+        self._request_ids = request_ids()
+        self._violations = faults.ViolationFaults()
         # Called with every finished call's Outcome: access log, metrics, ledger. They must
         # not block; anything slow is queued by the observer itself.
         self.observers: list[Observer] = [log_access] if settings.access_log else []
@@ -82,7 +85,7 @@ class Gateway:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        outcome = Outcome(str(uuid.uuid4()), None)
+        outcome = Outcome(next(self._request_ids), None)
         try:
             response = await self._handle(request, outcome)
             outcome.status = response.status
@@ -171,15 +174,17 @@ class Gateway:
             return None
         outcome.decision = "rejected"
         app = target.application
-        message = faults.render_message(policy.message, retry_after=decision.retry_after,
-                                        service=target.service, per=rate.per)
-        fault = faults.violation_fault(
-            faults.shape_for(app, content_type), policy_name=policy.name, message=message,
-            rate=rate, decision=decision, application=app.name, service=target.service,
-            request_id=outcome.request_id, status=app.fault_status)
+        fault = self._violations.fault(
+            faults.shape_for(app, content_type), policy_name=policy.name,
+            message_template=policy.message, rate=rate, decision=decision,
+            application=app.name, service=target.service, request_id=outcome.request_id,
+            status=app.fault_status)
         return _respond(fault, outcome)
 
     def _identity(self, request: web.BaseRequest) -> ClientIdentity | None:
+        identity: ClientIdentity | None = getattr(request.protocol, "identity", None)
+        if identity is not None:  # read once per connection by the GuardedHandler
+            return identity
         transport = request.transport
         ssl_object = transport.get_extra_info("ssl_object") if transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
@@ -200,6 +205,17 @@ class Gateway:
                                    service=outcome.service or None,
                                    request_id=outcome.request_id)
         return _respond(fault, outcome)
+
+
+def request_ids() -> Iterator[str]:
+    """UUID-shaped request ids: a random prefix per process, then a counter masked with a random
+    48-bit value (a bijection: unique, and it does not show the request count). A tenth of the
+    cost of str(uuid.uuid4()), which reads the OS's random source on every call."""
+    base = os.urandom(9).hex()
+    mask = int.from_bytes(os.urandom(6), "big")
+    template = f"{base[:8]}-{base[8:12]}-4{base[12:15]}-a{base[15:18]}-{{:012x}}"
+    for n in itertools.count():
+        yield template.format((n & 0xFFFFFFFFFFFF) ^ mask)
 
 
 def log_access(outcome: Outcome) -> None:

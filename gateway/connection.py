@@ -80,14 +80,15 @@ class GuardedServer(web.Server):
     def open_connections(self, key: str) -> int:
         return self._open.get(key, 0)
 
-    def admit(self, der: bytes) -> tuple[bool, str | None]:
-        """(admitted, the key to release when it closes) for a new connection's certificate."""
+    def admit(self, der: bytes) -> tuple[bool, str | None, ClientIdentity | None]:
+        """(admitted, the key to release when it closes, the identity) for a new connection's
+        certificate."""
         if self._identify is None:
-            return True, None
+            return True, None, None
         try:
             identity = self._identify(der)
         except ValueError:  # verified by TLS but unreadable here: the handler refuses it
-            return True, None
+            return True, None, None
         key = identity.key(self._mode)
         count = self._open.get(key, 0)
         if count >= self.limits.max_connections_per_identity:
@@ -95,9 +96,9 @@ class GuardedServer(web.Server):
             log.warning("connection refused: %s already has %d connections open (max %d)",
                         identity.cn or identity.subject, count,
                         self.limits.max_connections_per_identity)
-            return False, None
+            return False, None, identity
         self._open[key] = count + 1
-        return True, key
+        return True, key, identity
 
     def release(self, key: str) -> None:
         count = self._open.get(key, 0) - 1
@@ -109,13 +110,17 @@ class GuardedServer(web.Server):
 
 class GuardedHandler(RequestHandler):
     __slots__ = ("_body_deadline", "_guard", "_head_bytes", "_head_deadline", "_identity_key",
-                 "_payload", "_read_timeout", "_send_backlog", "_send_deadline", "_timer")
+                 "_payload", "_read_timeout", "_send_backlog", "_send_deadline", "_timer",
+                 "identity")
 
     def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = manager
         self._read_timeout = manager.limits.read_timeout
         self._identity_key: str | None = None
+        # The verified certificate's identity, read once per connection (renegotiation is off,
+        # so it cannot change); the handler takes it from here instead of per request.
+        self.identity: ClientIdentity | None = None
         self._head_deadline: float | None = None
         self._head_bytes = False  # part of a request head has arrived
         self._body_deadline: float | None = None
@@ -130,7 +135,7 @@ class GuardedHandler(RequestHandler):
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if der:
-            admitted, self._identity_key = self._guard.admit(der)
+            admitted, self._identity_key, self.identity = self._guard.admit(der)
             if not admitted:  # answer its first request with 429, then close
                 self._request_handler = self._refuse_connection
         super().connection_made(transport)

@@ -518,3 +518,58 @@ def error_fault(
     else:
         body = _errorlist(code, message)
     return Fault(status, headers, body)
+
+
+# --- the rejected path's cache -----------------------------------------------------------------
+
+_ID_MARK = "\ue000request-id\ue000"  # private-use characters: no request id contains them
+_EPOCH_TEXT = iso_time(0.0).encode()
+_CACHE_SIZE = 10_000
+
+
+class ViolationFaults:
+    """Violation faults rendered once per (policy, application, service, shape, status, whole
+    seconds to wait) and then only joined around the two parts that change per call, the
+    request id and the time: under abuse the same fault goes out thousands of times a second.
+
+    The pieces come from `violation_fault` itself (rendered with a marker for the request id and
+    the epoch for the time), so a cached fault is byte for byte the one it would render. JSON
+    shapes are rendered per call (the rejected hot path is the operator's SOAP services).
+    """
+
+    def __init__(self, size: int = _CACHE_SIZE) -> None:
+        self._size = size
+        self._pieces: dict[tuple[object, ...], tuple[int, dict[str, str], bytes, bytes, bytes]] = {}
+
+    def fault(self, shape: FaultShape, *, policy_name: str, message_template: str, rate: Rate,
+              decision: Decision, application: str, service: str, request_id: str,
+              status: int | None = None) -> Fault:
+        wait = retry_after_seconds(decision.retry_after)
+        if shape not in ("soap11", "soap12"):
+            return self._render(shape, policy_name, message_template, rate, decision, application,
+                                service, request_id, status)
+        key = (shape, policy_name, message_template, rate, application, service, status, wait)
+        pieces = self._pieces.get(key)
+        if pieces is None:
+            fault = self._render(shape, policy_name, message_template, rate,
+                                 Decision(False, float(wait), 0, decision.reset_after, 0.0),
+                                 application, service, _ID_MARK, status)
+            head, _, rest = fault.body.partition(_ID_MARK.encode())
+            middle, _, tail = rest.partition(_EPOCH_TEXT)
+            pieces = (fault.status, fault.headers, head, middle, tail)
+            if len(self._pieces) < self._size:  # service names come from URLs: bounded
+                self._pieces[key] = pieces
+        status_code, headers, head, middle, tail = pieces
+        body = b"".join((head, xml_text(request_id).encode(), middle,
+                         iso_time(decision.now).encode(), tail))
+        return Fault(status_code, dict(headers), body)
+
+    @staticmethod
+    def _render(shape: FaultShape, policy_name: str, message_template: str, rate: Rate,
+                decision: Decision, application: str, service: str, request_id: str,
+                status: int | None) -> Fault:
+        message = render_message(message_template, retry_after=decision.retry_after,
+                                 service=service, per=rate.per)
+        return violation_fault(shape, policy_name=policy_name, message=message, rate=rate,
+                               decision=decision, application=application, service=service,
+                               request_id=request_id, status=status)

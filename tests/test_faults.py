@@ -502,3 +502,25 @@ def test_module_has_no_tree_building_imports() -> None:
     # The hot path formats templates; building XML trees per request is what this guards against.
     source = Path(__file__).parents[1].joinpath("gateway", "faults.py").read_text()
     assert "ElementTree" not in source and "minidom" not in source
+
+
+@pytest.mark.parametrize("shape", ["soap11", "soap12", "problem", "errorlist"])
+def test_cached_violation_faults_are_byte_for_byte_the_rendered_ones(shape: str) -> None:
+    from gateway.faults import ViolationFaults, render_message, violation_fault
+
+    cache = ViolationFaults()
+    rate = Rate(1, 30.0, reset_on_early_retry=True)
+    template = "Retry in {retry_after} s; {service} once per {per} s."
+    calls = (("a&<1>", 1_790_000_000.25, 29.2), ("b-2", 1_790_000_003.5, 30.0),
+             ("c-3", 1_790_000_004.999, 7.01))
+    for request_id, now, retry in calls:
+        decision = Decision(False, retry, 0, retry, now)
+        cached = cache.fault(shape, policy_name="drrs", message_template=template, rate=rate,
+                             decision=decision, application="DRRS", service="Svc<&>",
+                             request_id=request_id)
+        rendered = violation_fault(
+            shape, policy_name="drrs", rate=rate, decision=decision, application="DRRS",
+            service="Svc<&>", request_id=request_id,
+            message=render_message(template, retry_after=retry, service="Svc<&>", per=30.0))
+        assert (cached.status, cached.headers, cached.body) == (
+            rendered.status, rendered.headers, rendered.body)
