@@ -16,6 +16,7 @@ each profile to bench/out/profile-<scenario>.txt (no table of record: sampling c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -294,8 +295,11 @@ class Bench:
             if s.store == "redis":
                 row.store_calls = self.evalsha_calls() - evalsha
                 if "unreachable" in server.log.read_text(errors="replace"):
-                    row.warnings.append("the gateway lost Redis and decided with its local "
-                                        "fallback: not a Redis-store measurement")
+                    share = row.store_calls / max(row.result.complete, 1)
+                    row.warnings.append(
+                        f"the gateway logged Redis as unreachable and decided some calls with "
+                        f"its local fallback (store calls per call: {share:.2f}); see "
+                        f"logs/{s.slug}.log")
             row.rss_kib = rss_kib(server.pid) + sum(rss_kib(p) for p in child_pids(server.pid))
             if spy is not None and profile_to is not None:
                 spy.popen.wait(30)
@@ -312,7 +316,15 @@ class Bench:
         finally:
             if server is not None and owned:
                 self.procs.stop(server)
+                _keep_log(server, self.args.out / "logs" / f"{s.slug}.log")
         return row
+
+
+def _keep_log(proc: Proc, to: Path) -> None:
+    """The server's own log next to the results (the run's folder is deleted at the end)."""
+    with contextlib.suppress(OSError):
+        to.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(proc.log, to)
 
 
 def _children_cpu() -> float:
