@@ -34,7 +34,7 @@ bench: $(STAMP) system-bench-deps
 	$(PY) -m bench.run
 
 system-test-deps:
-	@bash .ci/system-deps redis-server:redis-server chromium:chromium
+	@bash .ci/system-deps redis-server:redis-server chromium:chromium nginx:nginx
 
 system-bench-deps:
 	@bash .ci/system-deps redis-server:redis-server nginx:nginx ab:apache2-utils

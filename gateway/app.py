@@ -144,8 +144,8 @@ class Gateway:
             too_large.force_close()  # "Connection: close": the rest of the body is not read
             return too_large
         except UpstreamError as exc:
-            return self._error(app, content_type, outcome, exc.status, "UPSTREAM-UNAVAILABLE",
-                               exc.reason)
+            code = "UPSTREAM-UNAVAILABLE" if exc.status >= 500 else "BAD-REQUEST"
+            return self._error(app, content_type, outcome, exc.status, code, exc.reason)
         outcome.upstream_status = response.status
         outcome.upstream_latency = time.perf_counter() - forwarded
         return response

@@ -84,7 +84,10 @@ class Upstreams:
         if length is not None and length > max_body:
             raise BodyTooLarge
         if length is not None and length <= BUFFER_LIMIT:
-            body = prefix + await request.read() if length else None
+            try:
+                body = prefix + await request.read() if length else None
+            except ConnectionError as exc:  # the client went away mid-body: nothing to forward
+                raise UpstreamError(400, "the request body broke off") from exc
         elif request.body_exists:
             body = _counted(request, max_body, prefix)
         else:
