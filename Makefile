@@ -27,7 +27,7 @@ test: $(STAMP) system-test-deps
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gateway tests
+	$(VENV)/bin/ruff check gateway tests bench
 	$(VENV)/bin/mypy
 
 bench: $(STAMP) system-bench-deps

@@ -79,7 +79,8 @@ async def _demo(settings: Settings, certs_dir: Path) -> None:
     soap_port, rest_port = _mock_ports(settings)
     mock = asyncio.create_task(run_mock_upstream("127.0.0.1", soap_port, rest_port))
     running = await start(settings)
-    admin = f"http://{settings.admin.host}:{running.admin_port}" if settings.admin else "off"
+    admin = (f"http://{settings.admin.host}:{running.admin_port} (ops page: /ops)"
+             if settings.admin else "off")
     print(f"\nAUP Gateway demo: gateway https://localhost:{running.port}, store "
           f"{running.gateway.limiter.name}, admin {admin}, mock upstream :{soap_port} (SOAP) "
           f":{rest_port} (REST)\n\n{curl_session(settings, certs_dir)}\n\nCtrl-C stops the demo.",
