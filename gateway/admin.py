@@ -119,6 +119,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     gateway = state.gateway
+    await gateway.limiter.probe()  # an idle gateway in fallback notices the store is back
     store = state.store_status()
     policy_set: PolicySet | None = gateway.policies
     if state.draining:

@@ -531,3 +531,27 @@ async def test_key_prefix_namespaces_without_moving_the_hash_tag(
     assert client.dbsize() == 0
     await lim.close()
     client.close()
+
+
+async def test_an_idle_gateway_notices_the_store_is_back_when_probed(
+    redis_server: RedisServer,
+) -> None:
+    """/readyz calls probe(): with no calls arriving, the state still goes back to ok."""
+    settings = store(redis_server.url, timeout=0.05, connect_timeout=0.05, breaker_cooldown=0.1)
+    lim = limiter_from_url(settings)
+    await lim.start()
+    try:
+        redis_server.stop()
+        await lim.decide(key("CN=idlex0001"), OMS)  # fails over: the breaker opens
+        assert lim.state == "fallback"
+        await lim.probe()  # within the cooldown: not even tried
+        assert lim.state == "fallback"
+        redis_server.start()
+        await asyncio.sleep(0.15)
+        calls = lim.store_calls
+        await lim.probe()
+        assert lim.state == "ok" and lim.store_calls == calls + 1
+    finally:
+        if not redis_server.running:
+            redis_server.start()
+        await lim.close()

@@ -176,6 +176,13 @@ class ResilientLimiter:
         self._retries.add(task)
         task.add_done_callback(self._retries.discard)
 
+    async def probe(self) -> None:
+        """While in fallback, try the store once if the breaker allows (readiness checks call
+        this, so an idle gateway notices that the store is back without waiting for a call)."""
+        ping = getattr(self.primary, "ping", None)
+        if self._open_until is not None and ping is not None:
+            await self._via_store(ping)
+
     async def peek(self, key: str, rate: Rate, now: float | None = None) -> KeyState:
         """The store's view of the key, or the local fallback's while the store is away."""
         state = await self._via_store(lambda: self.primary.peek(key, rate, now))
