@@ -56,7 +56,7 @@ def value(parsed: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str
     return parsed.get((name, frozenset(labels.items())), 0.0)
 
 
-async def wait_for(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0,
+async def wait_for(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0,
                    what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while True:
