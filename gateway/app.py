@@ -3,9 +3,9 @@
     identity -> route -> policy -> limiter decision -> forward upstream | fault
 
 `Gateway` owns the runtime state (settings, router, the current PolicySet, the limiter and the
-upstream sessions). It is served by aiohttp's low-level `web.Server` rather than a
-`web.Application`: the gateway has exactly one handler and no use for a router, middlewares or
-signals, and skipping them is measurably cheaper per request.
+upstream pools). It is served by aiohttp's low-level `web.Server` (connection.GuardedServer)
+rather than a `web.Application`: the gateway has exactly one handler and no use for a router,
+middlewares or signals, and skipping them is measurably cheaper per request.
 """
 
 from __future__ import annotations
