@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from bench.run import SCENARIOS, select
 from gateway.certs import DemoCerts, write_demo_certs
 from gateway.policy import load_policies
 from gateway.settings import load_settings
+from tests.support.tools import require
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +23,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> DemoCerts:
 
 
 def _nginx() -> str:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
-                                      else None)
-    if found is None:
-        message = "nginx is not installed (make bench installs it: apt-get install nginx)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return require("nginx", package="nginx")
 
 
 def _nginx_t(prefix: Path, text: str) -> None:

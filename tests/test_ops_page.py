@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,20 +22,15 @@ from gateway.settings import AdminSettings
 from tests.support.clock import FakeClock
 from tests.support.ops import admin, restart_with
 from tests.support.stack import DRRS, OMS, Stack, StackFactory
+from tests.support.tools import require
 
 OMS_RETRIEVE = "RetrieveCurrentOutages_OMSv1_AP"
 DRRS_SERVICE = "RetrieveDRLocations_DRRSv2_AP"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_INSTALL = "chromium is not installed: apt-get install chromium (or run `make test`)"
 
 
 def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail(_INSTALL)
-        pytest.skip(_INSTALL)
-    return found
+    return require("chromium", "chromium-browser", package="chromium")
 
 
 @dataclass

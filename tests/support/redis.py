@@ -12,7 +12,6 @@ Without redis-server on PATH the tests that need it fail when CI is set, and ski
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import ssl
@@ -25,10 +24,7 @@ from pathlib import Path
 import pytest
 import redis
 
-_INSTALL = (
-    "redis-server is not on PATH: install it (apt-get install redis-server, "
-    "brew install redis, or `make test`, which installs what the tests need)"
-)
+from tests.support.tools import require
 
 
 def _free_port() -> int:
@@ -55,13 +51,7 @@ class RedisTls:
 
 
 def redis_executable() -> str:
-    """redis-server's path; fails under CI and skips elsewhere when it is missing."""
-    executable = shutil.which("redis-server")
-    if executable is None:
-        if os.environ.get("CI"):
-            pytest.fail(_INSTALL)
-        pytest.skip(_INSTALL)
-    return executable
+    return require("redis-server", package="redis-server")
 
 
 class RedisServer:

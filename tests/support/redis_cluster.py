@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,20 +31,14 @@ import redis
 from redis.crc import key_slot
 
 from tests.support.redis import redis_executable
+from tests.support.tools import require
 
 SERVICE = "mymaster"
 _BUS_OFFSET = 10_000  # Redis Cluster's bus port is the client port + 10000
 
 
 def redis_cli_executable() -> str:
-    """redis-cli's path; fails under CI and skips elsewhere when it is missing."""
-    executable = shutil.which("redis-cli")
-    if executable is None:
-        message = "redis-cli is not on PATH: install redis-tools (or `make test`)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return executable
+    return require("redis-cli", package="redis-tools")
 
 
 def _bindable(port: int) -> bool:
