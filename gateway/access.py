@@ -73,10 +73,6 @@ class AccessList:
             self._memo[key] = allowed
         return allowed
 
-    def applications_for(self, identity: ClientIdentity, known: list[str]) -> list[str]:
-        """The applications among `known` that the identity may call (for `explain` and logs)."""
-        return [name for name in known if self.allows(identity, name)]
-
 
 def subject_pattern(text: str) -> re.Pattern[str]:
     """A DN glob -> a case-insensitive regex; ValueError when it is not a DN (or `*`)."""

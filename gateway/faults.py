@@ -4,9 +4,8 @@ Owns the four fault shapes (SOAP 1.1, SOAP 1.2, RFC 9457 problem+json, the CRR R
 the rate-limit headers, and the rendering of a policy's message template.
 
 Bodies are rendered from templates fixed at import time: per request it is string formatting of
-escaped values, never an XML tree. Pieces that depend only on the policy (the
-`RateLimit-Policy` value, the escaped policy name, the compiled message) can be computed once per
-policy with `prepare_policy` and handed to `violation_fault`.
+escaped values, never an XML tree; `ViolationFaults` goes further for the rejected hot path and
+renders each distinct violation fault once.
 
 Every value that reaches XML is escaped by `xml_text` (the service name comes from the URL and is
 attacker-controlled); every value that reaches JSON goes through `json.dumps`; every value that
@@ -193,40 +192,6 @@ def render_message(template: str, *, retry_after: float, service: str, per: floa
     return _MESSAGE_FIELD.sub(lambda m: values[m.group(1)], template)
 
 
-@dataclass(frozen=True, slots=True)
-class MessageTemplate:
-    """A message template split once into literal text and fields, for the hot path."""
-
-    parts: tuple[str, ...]  # literal, field, literal, field, ..., literal
-    per_text: str
-    constant: str | None  # the whole message when it needs nothing from the request
-
-    def render(self, *, retry_after: float, service: str) -> str:
-        if self.constant is not None:
-            return self.constant
-        out: list[str] = []
-        for index, part in enumerate(self.parts):
-            if index % 2 == 0:
-                out.append(part)
-            elif part == "per":
-                out.append(self.per_text)
-            elif part == "service":
-                out.append(service)
-            else:
-                out.append(str(retry_after_seconds(retry_after)))
-        return "".join(out)
-
-
-def compile_message(template: str, per: float) -> MessageTemplate:
-    """Split `template` once; `render` then gives the same text as `render_message`."""
-    parts = tuple(_MESSAGE_FIELD.split(template))
-    per_text = seconds_text(per)
-    constant = None
-    if all(field == "per" for field in parts[1::2]):
-        constant = "".join(per_text if i % 2 else part for i, part in enumerate(parts))
-    return MessageTemplate(parts, per_text, constant)
-
-
 def unknown_message_fields(template: str) -> list[str]:
     """Brace fields in `template` that are not message fields (likely typos, for `check`)."""
     found = re.findall(r"\{([^{}]*)\}", template)
@@ -266,48 +231,13 @@ def rate_limit_headers(policy_name: str, rate: Rate, decision: Decision) -> dict
 
     e.g. `RateLimit-Policy: "oms-retrieve";q=1;w=5` and `RateLimit: "oms-retrieve";r=0;t=5`.
     """
-    return _headers(_sf_string(policy_name), policy_header(policy_name, rate), decision)
-
-
-def _headers(name_sf: str, policy_value: str, decision: Decision) -> dict[str, str]:
     headers = {
-        "RateLimit-Policy": policy_value,
-        "RateLimit": _rate_limit_value(name_sf, decision),
+        "RateLimit-Policy": policy_header(policy_name, rate),
+        "RateLimit": _rate_limit_value(_sf_string(policy_name), decision),
     }
     if not decision.allowed:
         headers["Retry-After"] = str(retry_after_seconds(decision.retry_after))
     return headers
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedPolicy:
-    """Everything about a policy's faults that does not change per request."""
-
-    name: str
-    rate: Rate
-    message: MessageTemplate
-    name_sf: str
-    policy_header: str
-    name_json: str
-
-    def render_message(self, *, retry_after: float, service: str) -> str:
-        return self.message.render(retry_after=retry_after, service=service)
-
-    def headers(self, decision: Decision) -> dict[str, str]:
-        """`rate_limit_headers` for this policy, without recomputing the policy part."""
-        return _headers(self.name_sf, self.policy_header, decision)
-
-
-def prepare_policy(policy_name: str, rate: Rate, message: str = "") -> PreparedPolicy:
-    """Compute a policy's fault pieces once (at policy load), for `violation_fault(prepared=)`."""
-    return PreparedPolicy(
-        name=policy_name,
-        rate=rate,
-        message=compile_message(message, rate.per),
-        name_sf=_sf_string(policy_name),
-        policy_header=policy_header(policy_name, rate),
-        name_json=json.dumps(policy_name),
-    )
 
 
 # --- shapes ------------------------------------------------------------------------------------
@@ -400,7 +330,6 @@ def violation_fault(
     service: str,
     request_id: str,
     status: int | None = None,
-    prepared: PreparedPolicy | None = None,
 ) -> Fault:
     """The fault for a rejected call, with `Retry-After`, `RateLimit-Policy` and `RateLimit`.
 
@@ -410,16 +339,11 @@ def violation_fault(
     - soap12: 400 with `env:Sender` (the SOAP 1.2 HTTP binding maps Sender faults to 400);
     - problem, errorlist: 429.
     `status` (the application's `fault_status`) overrides it. `message` is the rendered policy
-    message; `prepared` (from `prepare_policy` for the same policy) skips per-policy work.
+    message.
     """
     final_status = _default_violation_status(shape) if status is None else status
     wait = retry_after_seconds(decision.retry_after)
-    if prepared is not None:
-        headers = prepared.headers(decision)
-        name_json = prepared.name_json
-    else:
-        headers = rate_limit_headers(policy_name, rate, decision)
-        name_json = json.dumps(policy_name)
+    headers = rate_limit_headers(policy_name, rate, decision)
     headers["Content-Type"] = _content_type(shape)
 
     if shape == "soap11" or shape == "soap12":
@@ -438,7 +362,7 @@ def violation_fault(
         body = _PROBLEM_VIOLATION.format(
             status=final_status,
             detail=json.dumps(message),
-            policy=name_json,
+            policy=json.dumps(policy_name),
             service=json.dumps(service),
             application=json.dumps(application),
             retry_after=wait,

@@ -19,6 +19,7 @@ from typing import Literal
 
 from gateway.access import AccessList, AccessRule, read_access_rule
 from gateway.errors import ConfigError
+from gateway.faults import unknown_message_fields
 from gateway.identity import ClientIdentity, normalise_dn
 from gateway.limiter.base import Rate
 from gateway.settings import Settings, StoreErrorMode
@@ -176,10 +177,11 @@ def _read_policy(f: Fields, settings: Settings) -> Policy | None:
 
 
 def _check_template(text: str) -> str | None:
-    try:
-        text.format(retry_after=1, service="s", per=1)
-    except (KeyError, IndexError, ValueError) as exc:
-        return f"bad message template ({exc!r}); use {{retry_after}}, {{service}}, {{per}}"
+    unknown = unknown_message_fields(text)
+    if unknown:
+        return (f"bad message template: unknown field(s) "
+                f"{', '.join('{' + name + '}' for name in unknown)}; "
+                f"use {{retry_after}}, {{service}}, {{per}}")
     return None
 
 

@@ -99,7 +99,6 @@ class PolicyReloader:
     _lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
-    _pending: set[asyncio.Task[ReloadResult]] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         current = self.gateway.policies
@@ -142,12 +141,6 @@ class PolicyReloader:
             self.on_result(result)
         return result
 
-    def trigger(self, reason: Reason) -> None:
-        """Reload soon, from a signal handler or other synchronous code."""
-        task = asyncio.get_running_loop().create_task(self.reload(reason))
-        self._pending.add(task)  # the loop holds tasks weakly
-        task.add_done_callback(self._pending.discard)
-
     def poke(self) -> None:
         """Have the watcher look at the folder now instead of at its next interval."""
         self._wake.set()
@@ -157,11 +150,9 @@ class PolicyReloader:
             self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._task, *self._pending) if t is not None]
-        self._task = None
-        for task in tasks:
+        task, self._task = self._task, None
+        if task is not None:
             task.cancel()
-        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 

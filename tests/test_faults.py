@@ -21,10 +21,8 @@ from gateway.faults import (
     UNKNOWN_APPLICATION,
     UPSTREAM_TIMEOUT,
     Fault,
-    compile_message,
     error_fault,
     policy_header,
-    prepare_policy,
     rate_limit_headers,
     render_message,
     retry_after_seconds,
@@ -123,27 +121,6 @@ def test_template_is_not_a_format_string() -> None:
     assert unknown_message_fields(DRRS_TEMPLATE) == []
 
 
-@given(
-    template=st.lists(
-        st.sampled_from(["{per}", "{service}", "{retry_after}", "x{", "}y", "{{", "é", " "]),
-        max_size=10,
-    ).map("".join),
-    retry_after=st.floats(min_value=0, max_value=1e5),
-    per=st.floats(min_value=0.001, max_value=1e5),
-)
-def test_compiled_message_equals_render_message(
-    template: str, retry_after: float, per: float
-) -> None:
-    compiled = compile_message(template, per)
-    expected = render_message(template, retry_after=retry_after, service="S<&>", per=per)
-    assert compiled.render(retry_after=retry_after, service="S<&>") == expected
-
-
-def test_compiled_constant_message_precomputed() -> None:
-    assert compile_message(DRRS_TEMPLATE, 30.0).constant == DRRS_MESSAGE
-    assert compile_message("wait {retry_after}", 30.0).constant is None
-
-
 # --- headers -----------------------------------------------------------------------------------
 
 
@@ -179,13 +156,6 @@ def test_policy_name_is_a_safe_structured_string() -> None:
     value = policy_header('we"ird\\name\r\nX-Injected: 1é', OMS_RATE)
     assert value == '"we\\"ird\\\\name??X-Injected: 1?";q=1;w=5'
     assert all(0x20 <= ord(c) <= 0x7E for c in value)
-
-
-def test_prepared_policy_gives_identical_faults() -> None:
-    prepared = prepare_policy("drrs-per-service", DRRS_RATE, DRRS_TEMPLATE)
-    assert prepared.render_message(retry_after=7, service=SERVICE) == DRRS_MESSAGE
-    for shape in ("soap11", "soap12", "problem", "errorlist"):
-        assert drrs_fault(shape, prepared=prepared) == drrs_fault(shape)
 
 
 # --- SOAP 1.1 ----------------------------------------------------------------------------------

@@ -94,10 +94,6 @@ class MemoryLimiter:
     async def close(self) -> None:
         self._entries.clear()
 
-    def sweep(self, now: float | None = None) -> None:
-        """Drop every expired entry (the per-decision sweep does this a few at a time)."""
-        self._sweep(self._clock() if now is None else now, len(self._entries))
-
     def _sweep(self, t: float, budget: int) -> None:
         entries = self._entries
         while budget and entries:
