@@ -4,7 +4,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run demo test lint bench certs check clean system-test-deps system-bench-deps
+# Fast checks first: a style slip fails in seconds, before the suite.
+format-check: $(STAMP)
+	$(VENV)/bin/ruff format --check gateway tests bench
+
+.PHONY: run demo test lint format-check bench certs check clean system-test-deps system-bench-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +31,7 @@ test: $(STAMP) system-test-deps
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
+	$(VENV)/bin/ruff format --check gateway tests bench
 	$(VENV)/bin/ruff check gateway tests bench
 	$(VENV)/bin/mypy
 

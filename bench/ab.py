@@ -39,17 +39,29 @@ class AbResult:
         return {**asdict(self), "non_2xx_pct": round(self.non_2xx_pct, 3)}
 
 
-def ab_command(port: int, bundle: Path, body: Path, seconds: float, connections: int,
-               csv: Path) -> list[str]:
+def ab_command(
+    port: int, bundle: Path, body: Path, seconds: float, connections: int, csv: Path
+) -> list[str]:
     return [
-        "ab", "-k", "-q", "-l", "-r",
-        "-E", str(bundle),
-        "-c", str(connections),
-        "-t", str(max(1, round(seconds))),  # ab reads whole seconds (atoi)
-        "-n", "10000000",  # after -t, which implies -n 50000: the time bound is what ends a run
-        "-T", CONTENT_TYPE,
-        "-p", str(body),
-        "-e", str(csv),
+        "ab",
+        "-k",
+        "-q",
+        "-l",
+        "-r",
+        "-E",
+        str(bundle),
+        "-c",
+        str(connections),
+        "-t",
+        str(max(1, round(seconds))),  # ab reads whole seconds (atoi)
+        "-n",
+        "10000000",  # after -t, which implies -n 50000: the time bound is what ends a run
+        "-T",
+        CONTENT_TYPE,
+        "-p",
+        str(body),
+        "-e",
+        str(csv),
         f"https://127.0.0.1:{port}{SERVICE_PATH}",
     ]
 

@@ -27,14 +27,24 @@ from gateway.certs import bundle_path, write_demo_certs
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", type=Path,
-                        help="folders that each hold a gateway/ package; the first is the base")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "folders",
+        nargs="+",
+        type=Path,
+        help="folders that each hold a gateway/ package; the first is the base",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=6)
-    parser.add_argument("--only", default="gateway memory allowed,gateway memory rejected",
-                        help="gateway scenarios, as for bench.run --only")
+    parser.add_argument(
+        "--only",
+        default="gateway memory allowed,gateway memory rejected",
+        help="gateway scenarios, as for bench.run --only",
+    )
     return parser.parse_args(argv)
 
 
@@ -65,8 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             certs = write_demo_certs(folder / "certs")
             body = folder / "request.xml"
             body.write_text(configs.REQUEST_BODY)
-            bench = Bench(args, folder, procs, certs, bundle_path(certs.clients["jdoex1234"][0]),
-                          body, _tool("nginx") or "nginx")
+            bench = Bench(
+                args,
+                folder,
+                procs,
+                certs,
+                bundle_path(certs.clients["jdoex1234"][0]),
+                body,
+                _tool("nginx") or "nginx",
+            )
             bench.start_upstream()
             bench.start_redis()
             run = 0
@@ -81,11 +98,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         row = bench.run(s)
                         results.setdefault((source, s), []).append(row)
                         r = row.result
-                        print(f"round {round_ + 1} {source.name:>12} {s.name:<28} "
-                              + (f"{r.rps:>8,.0f} req/s  p99 {r.p99_ms:6.2f} ms  "
-                                 f"{row.cpu_us_per_call or 0:6.1f} µs CPU/call  "
-                                 f"other {row.foreign_cores:.2f} CPUs" if r else
-                                 f"failed: {row.error}"), file=sys.stderr)
+                        print(
+                            f"round {round_ + 1} {source.name:>12} {s.name:<28} "
+                            + (
+                                f"{r.rps:>8,.0f} req/s  p99 {r.p99_ms:6.2f} ms  "
+                                f"{row.cpu_us_per_call or 0:6.1f} µs CPU/call  "
+                                f"other {row.foreign_cores:.2f} CPUs"
+                                if r
+                                else f"failed: {row.error}"
+                            ),
+                            file=sys.stderr,
+                        )
         except KeyboardInterrupt:
             print("interrupted; stopping every process it started", file=sys.stderr)
             return 130
@@ -104,8 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             rps, cpu, p99 = _median(rows, "rps"), _median(rows, "cpu"), _median(rows, "p99")
             vs_rps = f"{rps / _median(base, 'rps'):.2f}x" if base else ""
             vs_cpu = f"{cpu / _median(base, 'cpu'):.2f}x" if base and _median(base, "cpu") else ""
-            print(f"| {s.name} | {source} | {rps:,.0f} | {vs_rps} | {cpu:.1f} | {vs_cpu} "
-                  f"| {p99:.2f} |")
+            print(
+                f"| {s.name} | {source} | {rps:,.0f} | {vs_rps} | {cpu:.1f} | {vs_cpu} "
+                f"| {p99:.2f} |"
+            )
     return 0
 
 

@@ -113,7 +113,9 @@ def upstream_nginx_conf(prefix: Path, certs: DemoCerts, http_port: int, mtls_por
             return 200 {_quoted(RESPONSE_BODY)};
         }}
 """
-    return _nginx_main(prefix, 1) + f"""\
+    return (
+        _nginx_main(prefix, 1)
+        + f"""\
     server {{
         listen 127.0.0.1:{http_port} backlog=4096;
 {answer}    }}
@@ -122,10 +124,12 @@ def upstream_nginx_conf(prefix: Path, certs: DemoCerts, http_port: int, mtls_por
 {_nginx_tls(certs)}{answer}    }}
 }}
 """
+    )
 
 
-def peer_nginx_conf(prefix: Path, certs: DemoCerts, upstream_port: int, ports: PeerPorts,
-                    workers: int = 1) -> str:
+def peer_nginx_conf(
+    prefix: Path, certs: DemoCerts, upstream_port: int, ports: PeerPorts, workers: int = 1
+) -> str:
     """nginx doing the gateway's job: mutual TLS, limit_req per (client DN, URI), keep-alive
     proxying. Two listeners: one whose zone never trips, one at 1 call per 5 s."""
 
@@ -154,7 +158,9 @@ def peer_nginx_conf(prefix: Path, certs: DemoCerts, upstream_port: int, ports: P
 
     # limit_req measures in milliseconds with burst 0, so two calls in the same millisecond would
     # trip even a 1000000r/s zone: the allowed zone gets a burst as large as its rate.
-    return _nginx_main(prefix, workers) + f"""\
+    return (
+        _nginx_main(prefix, workers)
+        + f"""\
     upstream aup_upstream {{
         server 127.0.0.1:{upstream_port};
         keepalive 64;
@@ -167,6 +173,7 @@ def peer_nginx_conf(prefix: Path, certs: DemoCerts, upstream_port: int, ports: P
 {server(ports.allowed, "aup_allowed", " burst=1000000 nodelay")}\
 {server(ports.rejected, "aup_rejected", "")}}}
 """
+    )
 
 
 def gateway_yaml(certs: DemoCerts, port: int, upstream_port: int, store_url: str) -> str:
@@ -211,8 +218,9 @@ policies:
 """
 
 
-def write_gateway_config(folder: Path, certs: DemoCerts, port: int, upstream_port: int,
-                         store_url: str, kind: str) -> Path:
+def write_gateway_config(
+    folder: Path, certs: DemoCerts, port: int, upstream_port: int, store_url: str, kind: str
+) -> Path:
     """gateway.yaml and policies/bench.yaml in `folder`; returns the gateway.yaml path."""
     (folder / "policies").mkdir(parents=True, exist_ok=True)
     (folder / "policies" / "bench.yaml").write_text(policy_yaml(kind))

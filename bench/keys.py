@@ -97,8 +97,11 @@ async def _timed_sequential(decide: object, keys: list[str], now: float) -> floa
     return (time.perf_counter() - started) / len(keys) * 1e6
 
 
-async def redis_costs(url: str, sizes: tuple[int, ...] = SIZES, samples: int = 20_000,
-                      ) -> list[Cost]:
+async def redis_costs(
+    url: str,
+    sizes: tuple[int, ...] = SIZES,
+    samples: int = 20_000,
+) -> list[Cost]:
     from redis.asyncio import Redis
 
     admin = Redis.from_url(url)
@@ -132,10 +135,20 @@ async def redis_costs(url: str, sizes: tuple[int, ...] = SIZES, samples: int = 2
                 await limiter.close()
             # Redis's memory per key is only meaningful over many keys.
             bytes_per_key = round(per_key, 1) if size >= 1000 else None
-            results.append(Cost("redis", size, seq_live, seq_new, "sequential", seq_store,
-                                bytes_per_key))
-            results.append(Cost("redis", size, par_live, par_new, f"{_CONCURRENCY} in flight",
-                                par_store, bytes_per_key))
+            results.append(
+                Cost("redis", size, seq_live, seq_new, "sequential", seq_store, bytes_per_key)
+            )
+            results.append(
+                Cost(
+                    "redis",
+                    size,
+                    par_live,
+                    par_new,
+                    f"{_CONCURRENCY} in flight",
+                    par_store,
+                    bytes_per_key,
+                )
+            )
         await admin.flushall()
     finally:
         await admin.aclose()
@@ -146,7 +159,7 @@ async def _fill(admin: object, size: int) -> None:
     seconds, micros = await admin.time()  # type: ignore[attr-defined]
     now_us = seconds * 1_000_000 + micros
     head = key(0)[: key(0).index("0000000")]
-    tail = key(0)[len(head) + 7:]
+    tail = key(0)[len(head) + 7 :]
     state = f"0 {now_us}"
     ttl_ms = 600_000
     for first in range(0, size, _FILL_CHUNK):
@@ -175,8 +188,10 @@ async def _timed_parallel(decide: object, keys: list[str]) -> float:
     return (time.perf_counter() - started) / len(keys) * 1e6
 
 
-def run_costs(redis_url: str | None, sizes: tuple[int, ...] = SIZES,
-              ) -> tuple[list[Cost], str | None]:
+def run_costs(
+    redis_url: str | None,
+    sizes: tuple[int, ...] = SIZES,
+) -> tuple[list[Cost], str | None]:
     """Memory-store costs, then Redis's; a failure is returned with what was measured before."""
 
     async def both() -> tuple[list[Cost], str | None]:

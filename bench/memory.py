@@ -67,8 +67,9 @@ def certificates(count: int) -> tuple[bytes, array[int]]:
     return bytes(blob), ends
 
 
-def _calls(blob: bytes, ends: array[int], cache: IdentityCache, limiter: MemoryLimiter,
-           t: float) -> None:
+def _calls(
+    blob: bytes, ends: array[int], cache: IdentityCache, limiter: MemoryLimiter, t: float
+) -> None:
     start = 0
     for end in ends:
         identity = cache.get(blob[start:end])

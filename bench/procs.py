@@ -61,8 +61,13 @@ class Processes:
     folder: Path
     running: list[Proc] = field(default_factory=list)
 
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> Proc:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Proc:
         log = self.folder / f"{name}.log"
         serial = 1
         while log.exists():  # one log per process, even when a name comes back
@@ -70,8 +75,13 @@ class Processes:
             log = self.folder / f"{name}-{serial}.log"
         with log.open("wb") as out:
             popen = subprocess.Popen(
-                list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, cwd=cwd, start_new_session=True,
+                list(argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
             )
         proc = Proc(name, popen, log)
         self.running.append(proc)
@@ -149,7 +159,7 @@ def cpu_seconds(pid: int) -> float:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; state is fields[0]
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; state is fields[0]
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
@@ -180,10 +190,10 @@ def wait_listening(proc: Proc, port: int, count: int = 1, timeout: float = 20.0)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
-            raise StartError(f"{proc.name} exited with {proc.popen.returncode}:\n"
-                             f"{proc.log_tail()}")
+            raise StartError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_tail()}")
         if listeners(port) >= count:
             return
         time.sleep(0.05)
-    raise StartError(f"{proc.name} did not listen on port {port} within {timeout:.0f}s:\n"
-                     f"{proc.log_tail()}")
+    raise StartError(
+        f"{proc.name} did not listen on port {port} within {timeout:.0f}s:\n{proc.log_tail()}"
+    )

@@ -24,9 +24,21 @@ def pyspy_available() -> bool:
 
 def pyspy_command(pid: int, seconds: float, raw: Path, rate: int = 250) -> list[str]:
     return [
-        "py-spy", "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
-        "--rate", str(rate), "--format", "raw", "--function", "--nonblocking", "--threads",
-        "--output", str(raw),
+        "py-spy",
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(max(1, round(seconds))),
+        "--rate",
+        str(rate),
+        "--format",
+        "raw",
+        "--function",
+        "--nonblocking",
+        "--threads",
+        "--output",
+        str(raw),
     ]
 
 
@@ -61,8 +73,12 @@ def summarise(raw_text: str, top: int = 30, title: str = "") -> str:
     lines = [title, f"{samples} samples of busy time (idle event-loop waits are not sampled)"]
     if threads:
         # Worker threads (asyncio_N: asyncio.to_thread) also count while they wait for the GIL.
-        lines.append("by thread: " + ", ".join(
-            f"{name} {100 * n / max(samples, 1):.1f}%" for name, n in threads.most_common()))
+        lines.append(
+            "by thread: "
+            + ", ".join(
+                f"{name} {100 * n / max(samples, 1):.1f}%" for name, n in threads.most_common()
+            )
+        )
     lines.append("")
     for heading, counter in (("self", own), ("total (inclusive)", total)):
         lines.append(f"top {top} by {heading} time:")

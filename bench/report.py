@@ -76,8 +76,13 @@ class Row:
 def _find(rows: Sequence[Row], target: Target, kind: Kind, workers: int) -> Row | None:
     for row in rows:
         s = row.scenario
-        if (s.target == target and s.kind == kind and s.workers == workers and not s.policy
-                and row.result):
+        if (
+            s.target == target
+            and s.kind == kind
+            and s.workers == workers
+            and not s.policy
+            and row.result
+        ):
             return row
     return None
 
@@ -138,8 +143,10 @@ def targets(rows: Sequence[Row]) -> list[str]:
         if s.store == "redis":
             share = _ratio(row, _find(memory_rows, "gateway", s.kind, 1))
             if share is not None:
-                reached.append(f"{share:.2f}x the 1-worker memory-store row "
-                               f"(target ≥ 0.8x: {_met(share >= 0.8)})")
+                reached.append(
+                    f"{share:.2f}x the 1-worker memory-store row "
+                    f"(target ≥ 0.8x: {_met(share >= 0.8)})"
+                )
         out.append(f"- {s.name}: " + "; ".join(reached))
     return out
 
@@ -210,10 +217,16 @@ def machine() -> dict[str, str]:
         hiredis_version = hiredis.__version__
     except ImportError:
         hiredis_version = "not installed"
+
     def git(*argv: str) -> str:
         try:
-            done = subprocess.run(["git", *argv], capture_output=True, text=True, timeout=10,
-                                  cwd=Path(__file__).resolve().parent.parent)
+            done = subprocess.run(
+                ["git", *argv],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
         except (OSError, subprocess.TimeoutExpired):
             return ""
         return done.stdout.strip()
@@ -236,6 +249,8 @@ def machine() -> dict[str, str]:
 
 
 def machine_line(m: dict[str, str]) -> str:
-    return (f"{m['cpus']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}, "
-            f"aiohttp {m['aiohttp']}, uvloop {m['uvloop']}, hiredis {m['hiredis']}, "
-            f"nginx {m['nginx']}, ab {m['ab']}, Redis {m['redis']}; gateway at {m['revision']}")
+    return (
+        f"{m['cpus']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}, "
+        f"aiohttp {m['aiohttp']}, uvloop {m['uvloop']}, hiredis {m['hiredis']}, "
+        f"nginx {m['nginx']}, ab {m['ab']}, Redis {m['redis']}; gateway at {m['revision']}"
+    )

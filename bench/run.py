@@ -77,33 +77,58 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("gateway", "allowed", "redis", policy="long-log"),
 )
 _FOREIGN_LIMIT = 0.15  # CPUs used by processes the bench did not start
-PROFILED = tuple(s for s in SCENARIOS
-                 if s.target == "gateway" and s.workers == 1 and not s.policy)
+PROFILED = tuple(s for s in SCENARIOS if s.target == "gateway" and s.workers == 1 and not s.policy)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=int,
-                        default=int(os.environ.get("BENCH_SECONDS", "10")),
-                        help="length of each measured run in whole seconds "
-                             "(default 10, or $BENCH_SECONDS)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="ab warm-up in whole seconds before each measured run "
-                             "(default 2; 1 for runs under 10 s; 0 for none)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--seconds",
+        type=int,
+        default=int(os.environ.get("BENCH_SECONDS", "10")),
+        help="length of each measured run in whole seconds (default 10, or $BENCH_SECONDS)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="ab warm-up in whole seconds before each measured run "
+        "(default 2; 1 for runs under 10 s; 0 for none)",
+    )
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--only", default="",
-                        help="comma-separated words; run the scenarios whose name has them all, "
-                             "e.g. 'gateway memory' or 'direct,nginx allowed'")
-    parser.add_argument("--no-keys", action="store_true",
-                        help="skip the per-decision cost and memory-per-identity measurements")
-    parser.add_argument("--identities", type=int, default=100_000,
-                        help="distinct identities for the memory measurement (default 100000)")
-    parser.add_argument("--profile", action="store_true",
-                        help="profile the 1-worker gateway scenarios with py-spy instead")
-    parser.add_argument("--gateway-src", type=Path, default=ROOT,
-                        help="run the gateway package from this folder instead (a patched "
-                             "copy, to measure a change against the same nginx)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated words; run the scenarios whose name has them all, "
+        "e.g. 'gateway memory' or 'direct,nginx allowed'",
+    )
+    parser.add_argument(
+        "--no-keys",
+        action="store_true",
+        help="skip the per-decision cost and memory-per-identity measurements",
+    )
+    parser.add_argument(
+        "--identities",
+        type=int,
+        default=100_000,
+        help="distinct identities for the memory measurement (default 100000)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the 1-worker gateway scenarios with py-spy instead",
+    )
+    parser.add_argument(
+        "--gateway-src",
+        type=Path,
+        default=ROOT,
+        help="run the gateway package from this folder instead (a patched "
+        "copy, to measure a change against the same nginx)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     args = parser.parse_args(argv)
     if args.seconds < 1:
@@ -153,8 +178,9 @@ class Bench:
         prefix.mkdir()
         self.upstream_http, self.upstream_mtls = free_port(), free_port()
         conf = prefix / "nginx.conf"
-        conf.write_text(configs.upstream_nginx_conf(prefix, self.certs, self.upstream_http,
-                                                    self.upstream_mtls))
+        conf.write_text(
+            configs.upstream_nginx_conf(prefix, self.certs, self.upstream_http, self.upstream_mtls)
+        )
         self.upstream = self._start_nginx("upstream-nginx", prefix, conf)
         wait_listening(self.upstream, self.upstream_http)
         wait_listening(self.upstream, self.upstream_mtls)
@@ -163,10 +189,22 @@ class Bench:
         folder = self.folder / "redis"
         folder.mkdir()
         self.redis_port = free_port()
-        self.redis = self.procs.start("redis-server", [
-            _tool("redis-server") or "redis-server", "--port", str(self.redis_port),
-            "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder),
-        ])
+        self.redis = self.procs.start(
+            "redis-server",
+            [
+                _tool("redis-server") or "redis-server",
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(folder),
+            ],
+        )
         wait_listening(self.redis, self.redis_port)
 
     def flush_redis(self) -> None:
@@ -187,12 +225,16 @@ class Bench:
             stats = client.info("commandstats")
         finally:
             client.close()
-        return sum(int(v.get("calls", 0)) for k, v in stats.items()
-                   if k in ("cmdstat_evalsha", "cmdstat_eval"))
+        return sum(
+            int(v.get("calls", 0))
+            for k, v in stats.items()
+            if k in ("cmdstat_evalsha", "cmdstat_eval")
+        )
 
     def _start_nginx(self, name: str, prefix: Path, conf: Path) -> Proc:
-        return self.procs.start(name, [self.nginx, "-p", f"{prefix}/", "-e",
-                                       str(prefix / "error.log"), "-c", str(conf)])
+        return self.procs.start(
+            name, [self.nginx, "-p", f"{prefix}/", "-e", str(prefix / "error.log"), "-c", str(conf)]
+        )
 
     def start_server(self, s: Scenario) -> tuple[Proc, int, bool]:
         """The scenario's server and port; whether the bench must stop it afterwards."""
@@ -204,8 +246,9 @@ class Bench:
             prefix.mkdir()
             ports = configs.PeerPorts(free_port(), free_port())
             conf = prefix / "nginx.conf"
-            conf.write_text(configs.peer_nginx_conf(prefix, self.certs, self.upstream_http,
-                                                    ports, s.workers))
+            conf.write_text(
+                configs.peer_nginx_conf(prefix, self.certs, self.upstream_http, ports, s.workers)
+            )
             proc = self._start_nginx(s.slug, prefix, conf)
             port = ports.allowed if s.kind == "allowed" else ports.rejected
             wait_listening(proc, port)
@@ -214,12 +257,25 @@ class Bench:
         if s.store == "redis":
             self.flush_redis()
         port = free_port()
-        config = configs.write_gateway_config(self.folder / s.slug, self.certs, port,
-                                              self.upstream_http, store, s.policy_kind)
+        config = configs.write_gateway_config(
+            self.folder / s.slug, self.certs, port, self.upstream_http, store, s.policy_kind
+        )
         env = {**os.environ, "LOG_LEVEL": "WARNING"}
-        proc = self.procs.start(s.slug, [sys.executable, "-m", "gateway", "serve", "--config",
-                                         str(config), "--workers", str(s.workers)],
-                                env=env, cwd=self.args.gateway_src.resolve())
+        proc = self.procs.start(
+            s.slug,
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--config",
+                str(config),
+                "--workers",
+                str(s.workers),
+            ],
+            env=env,
+            cwd=self.args.gateway_src.resolve(),
+        )
         wait_listening(proc, port, count=s.workers, timeout=30)
         return proc, port, True
 
@@ -229,8 +285,12 @@ class Bench:
         ctx.load_cert_chain(self.bundle)
         conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
         try:
-            conn.request("POST", configs.SERVICE_PATH, body=configs.REQUEST_BODY.encode(),
-                         headers={"Content-Type": configs.CONTENT_TYPE})
+            conn.request(
+                "POST",
+                configs.SERVICE_PATH,
+                body=configs.REQUEST_BODY.encode(),
+                headers={"Content-Type": configs.CONTENT_TYPE},
+            )
             response = conn.getresponse()
             response.read()
             return response.status
@@ -270,8 +330,10 @@ class Bench:
         row.ab_cores = ab_used / elapsed
         row.foreign_cores = max(0.0, busy_seconds() - busy - sum(used) - ab_used) / elapsed
         if row.foreign_cores > _FOREIGN_LIMIT:
-            row.warnings.append(f"other work on this machine used {row.foreign_cores:.2f} CPUs "
-                                "during this row: its numbers are disturbed")
+            row.warnings.append(
+                f"other work on this machine used {row.foreign_cores:.2f} CPUs "
+                "during this row: its numbers are disturbed"
+            )
         return result
 
     def run(self, s: Scenario, profile_to: Path | None = None) -> Row:
@@ -287,8 +349,10 @@ class Bench:
                 self.ab(f"ab-warmup-{s.slug}", port, self.args.warmup)
             spy = None
             if profile_to is not None:
-                spy = self.procs.start(f"py-spy-{s.slug}", pyspy_command(
-                    server.pid, self.args.seconds, profile_to.with_suffix(".raw")))
+                spy = self.procs.start(
+                    f"py-spy-{s.slug}",
+                    pyspy_command(server.pid, self.args.seconds, profile_to.with_suffix(".raw")),
+                )
                 time.sleep(0.3)  # let py-spy attach before the load starts
             evalsha = self.evalsha_calls() if s.store == "redis" else 0
             row.result = self._measured(s, row, server, port)
@@ -299,18 +363,27 @@ class Bench:
                     row.warnings.append(
                         f"the gateway logged Redis as unreachable and decided some calls with "
                         f"its local fallback (store calls per call: {share:.2f}); see "
-                        f"logs/{s.slug}.log")
+                        f"logs/{s.slug}.log"
+                    )
             row.rss_kib = rss_kib(server.pid) + sum(rss_kib(p) for p in child_pids(server.pid))
             if spy is not None and profile_to is not None:
                 spy.popen.wait(30)
                 self.procs.stop(spy)
                 raw = profile_to.with_suffix(".raw")
                 text = raw.read_text() if raw.exists() else ""
-                profile_to.write_text(summarise(
-                    text, title=f"py-spy: {s.name}, {row.result.rps:,.0f} req/s while sampled"))
+                profile_to.write_text(
+                    summarise(
+                        text, title=f"py-spy: {s.name}, {row.result.rps:,.0f} req/s while sampled"
+                    )
+                )
             row.warnings += _check(s, row.result)
-        except (StartError, ValueError, OSError, http.client.HTTPException,
-                subprocess.SubprocessError) as exc:
+        except (
+            StartError,
+            ValueError,
+            OSError,
+            http.client.HTTPException,
+            subprocess.SubprocessError,
+        ) as exc:
             row.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             print(f"  {s.name}: {exc}", file=sys.stderr)
         finally:
@@ -348,9 +421,11 @@ def _check(s: Scenario, r: AbResult) -> list[str]:
 def _progress(row: Row) -> None:
     r = row.result
     if r is not None:
-        line = (f"{row.scenario.name:<36} {r.rps:>9,.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
-                f"p99 {r.p99_ms:6.2f} ms  non-2xx {r.non_2xx_pct:5.1f}%  CPUs: server "
-                f"{row.server_cores:.2f} ab {row.ab_cores:.2f} other {row.foreign_cores:.2f}")
+        line = (
+            f"{row.scenario.name:<36} {r.rps:>9,.0f} req/s  p50 {r.p50_ms:6.2f} ms  "
+            f"p99 {r.p99_ms:6.2f} ms  non-2xx {r.non_2xx_pct:5.1f}%  CPUs: server "
+            f"{row.server_cores:.2f} ab {row.ab_cores:.2f} other {row.foreign_cores:.2f}"
+        )
     else:
         line = f"{row.scenario.name:<36} failed: {row.error}"
     if r is not None and row.scenario.store == "redis" and r.complete:
@@ -361,8 +436,9 @@ def _progress(row: Row) -> None:
 
 
 def _memory_per_identity(bench: Bench, count: int) -> dict[str, object]:
-    proc = bench.procs.start("memory-per-identity", [sys.executable, "-m", "bench.memory",
-                                                     str(count)], cwd=ROOT)
+    proc = bench.procs.start(
+        "memory-per-identity", [sys.executable, "-m", "bench.memory", str(count)], cwd=ROOT
+    )
     try:
         proc.popen.wait(600)
     finally:
@@ -374,9 +450,14 @@ def _memory_per_identity(bench: Bench, count: int) -> dict[str, object]:
     return result
 
 
-def markdown(info: dict[str, str], args: argparse.Namespace, rows: Sequence[Row],
-             costs: Sequence[dict[str, object]], memory: dict[str, object] | None,
-             failures: Sequence[str] = ()) -> str:
+def markdown(
+    info: dict[str, str],
+    args: argparse.Namespace,
+    rows: Sequence[Row],
+    costs: Sequence[dict[str, object]],
+    memory: dict[str, object] | None,
+    failures: Sequence[str] = (),
+) -> str:
     parts = [
         f"Machine: {machine_line(info)}. ab, nginx, Redis and the gateway share these CPUs.",
         "",
@@ -389,11 +470,19 @@ def markdown(info: dict[str, str], args: argparse.Namespace, rows: Sequence[Row]
     if goals:
         parts += ["", "Targets (ratios from this run):", "", *goals]
     if costs:
-        parts += ["", "Cost per limiter decision (in-process, see bench/keys.py):", "",
-                  costs_table(costs)]
+        parts += [
+            "",
+            "Cost per limiter decision (in-process, see bench/keys.py):",
+            "",
+            costs_table(costs),
+        ]
     if memory:
-        parts += ["", "Memory per identity (in-process, see bench/memory.py):", "",
-                  *memory_lines(memory)]
+        parts += [
+            "",
+            "Memory per identity (in-process, see bench/memory.py):",
+            "",
+            *memory_lines(memory),
+        ]
     disturbed = [r.scenario.name for r in rows if r.warnings]
     if disturbed or failures:
         parts += ["", "Warnings:", ""]
@@ -405,8 +494,11 @@ def markdown(info: dict[str, str], args: argparse.Namespace, rows: Sequence[Row]
 def execute(args: argparse.Namespace, folder: Path, procs: Processes) -> int:
     missing = [t for t in TOOLS if _tool(t) is None]
     if missing:
-        print(f"missing: {', '.join(missing)}. `make bench` installs them (as root), or: "
-              "sudo apt-get install apache2-utils nginx redis-server", file=sys.stderr)
+        print(
+            f"missing: {', '.join(missing)}. `make bench` installs them (as root), or: "
+            "sudo apt-get install apache2-utils nginx redis-server",
+            file=sys.stderr,
+        )
         return 2
     if args.profile and not pyspy_available():
         print("--profile needs py-spy: pip install py-spy", file=sys.stderr)
@@ -419,14 +511,23 @@ def execute(args: argparse.Namespace, folder: Path, procs: Processes) -> int:
     certs = write_demo_certs(folder / "certs")
     body = folder / "request.xml"
     body.write_text(configs.REQUEST_BODY)
-    bench = Bench(args, folder, procs, certs, bundle_path(certs.clients["jdoex1234"][0]), body,
-                  _tool("nginx") or "nginx")
+    bench = Bench(
+        args,
+        folder,
+        procs,
+        certs,
+        bundle_path(certs.clients["jdoex1234"][0]),
+        body,
+        _tool("nginx") or "nginx",
+    )
     bench.start_upstream()
     bench.start_redis()
     info = machine()
     print(f"bench: {machine_line(info)}", file=sys.stderr)
-    print(f"bench: {len(scenarios)} scenarios x ({args.warmup:g} s warm-up + {args.seconds:g} s)",
-          file=sys.stderr)
+    print(
+        f"bench: {len(scenarios)} scenarios x ({args.warmup:g} s warm-up + {args.seconds:g} s)",
+        file=sys.stderr,
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -464,18 +565,30 @@ def execute(args: argparse.Namespace, folder: Path, procs: Processes) -> int:
     record = {
         "time": stamp,
         "machine": info,
-        "settings": {"seconds": args.seconds, "warmup": args.warmup,
-                     "connections": args.connections, "gateway_src": str(args.gateway_src)},
+        "settings": {
+            "seconds": args.seconds,
+            "warmup": args.warmup,
+            "connections": args.connections,
+            "gateway_src": str(args.gateway_src),
+        },
         "rows": [
-            {"scenario": r.scenario.name, "target": r.scenario.target, "kind": r.scenario.kind,
-             "policy": configs.POLICIES.get(r.scenario.policy_kind),
-             "store": r.scenario.store, "workers": r.scenario.workers,
-             "result": r.result.as_dict() if r.result else None, "error": r.error,
-             "rss_kib": r.rss_kib, "server_cpus": round(r.server_cores, 2),
-             "ab_cpus": round(r.ab_cores, 2), "other_cpus": round(r.foreign_cores, 2),
-             "server_cpu_us_per_call": round(r.cpu_us_per_call or 0, 1),
-             "store_calls": r.store_calls,
-             "warnings": r.warnings}
+            {
+                "scenario": r.scenario.name,
+                "target": r.scenario.target,
+                "kind": r.scenario.kind,
+                "policy": configs.POLICIES.get(r.scenario.policy_kind),
+                "store": r.scenario.store,
+                "workers": r.scenario.workers,
+                "result": r.result.as_dict() if r.result else None,
+                "error": r.error,
+                "rss_kib": r.rss_kib,
+                "server_cpus": round(r.server_cores, 2),
+                "ab_cpus": round(r.ab_cores, 2),
+                "other_cpus": round(r.foreign_cores, 2),
+                "server_cpu_us_per_call": round(r.cpu_us_per_call or 0, 1),
+                "store_calls": r.store_calls,
+                "warnings": r.warnings,
+            }
             for r in rows
         ],
         "decision_costs": costs,
@@ -486,8 +599,10 @@ def execute(args: argparse.Namespace, folder: Path, procs: Processes) -> int:
         (args.out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
         (args.out / f"{name}.md").write_text(text)
     print(text)
-    print(f"bench: results in {args.out / 'latest.md'} and {args.out / 'latest.json'}",
-          file=sys.stderr)
+    print(
+        f"bench: results in {args.out / 'latest.md'} and {args.out / 'latest.json'}",
+        file=sys.stderr,
+    )
     return 0 if all(r.result for r in rows) else 1
 
 

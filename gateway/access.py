@@ -50,7 +50,8 @@ class AccessRule:
 
     def grants(self, identity: ClientIdentity, application: str) -> bool:
         return (self.applications is None or application in self.applications) and self.admits(
-            identity)
+            identity
+        )
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,7 @@ class AccessList:
     """The rules from every policy file, in order; `allows` is memoised per identity and app."""
 
     rules: tuple[AccessRule, ...]
-    _memo: dict[tuple[str, str, str], bool] = field(default_factory=dict, compare=False,
-                                                    repr=False)
+    _memo: dict[tuple[str, str, str], bool] = field(default_factory=dict, compare=False, repr=False)
 
     def allows(self, identity: ClientIdentity, application: str) -> bool:
         if not self.rules:
@@ -110,8 +110,11 @@ def read_access_rule(f: Fields, settings: Settings) -> AccessRule | None:
             continue
         app = settings.application(app_name)
         if app is None:
-            f.error("applications", f"{app_name!r} is not configured in {settings.source.name} "
-                    f"(known: {', '.join(settings.applications) or 'none'})")
+            f.error(
+                "applications",
+                f"{app_name!r} is not configured in {settings.source.name} "
+                f"(known: {', '.join(settings.applications) or 'none'})",
+            )
         else:
             applications.add(app.name)
 
@@ -126,16 +129,21 @@ def read_access_rule(f: Fields, settings: Settings) -> AccessRule | None:
         try:
             patterns.append(subject_pattern(text))
         except ValueError:
-            f.error("subject_patterns", f"{text!r} is not a DN pattern (e.g. "
-                    "'CN=*,OU=people,O=CAISO,C=US'; '*' alone admits everyone)")
+            f.error(
+                "subject_patterns",
+                f"{text!r} is not a DN pattern (e.g. "
+                "'CN=*,OU=people,O=CAISO,C=US'; '*' alone admits everyone)",
+            )
     organisations: set[str] = set()
     for text in f.strings("organisations"):
         if not text.strip():
             f.error("organisations", "an organisation name cannot be empty")
         organisations.add(text.strip().casefold())
     if not (f.has("subjects") or f.has("subject_patterns") or f.has("organisations")):
-        f.error("subjects", "an entry needs subjects, subject_patterns or organisations "
-                "to say whom it admits")
+        f.error(
+            "subjects",
+            "an entry needs subjects, subject_patterns or organisations to say whom it admits",
+        )
     rule = AccessRule(
         applications=None if every else frozenset(applications),
         subjects=frozenset(subjects),

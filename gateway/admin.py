@@ -97,8 +97,9 @@ def _token_ok(request: web.Request) -> bool:
     if not expected:
         return True
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
-                                                              expected.encode())
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), expected.encode()
+    )
 
 
 @web.middleware
@@ -106,7 +107,9 @@ async def _authenticate(request: web.Request, handler: Any) -> web.StreamRespons
     if request.path not in OPEN_PATHS and not _token_ok(request):
         return web.json_response(
             {"error": "unauthorized", "detail": "send Authorization: Bearer <admin.token>"},
-            status=401, headers={"WWW-Authenticate": 'Bearer realm="aup-gateway-admin"'})
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="aup-gateway-admin"'},
+        )
     response: web.StreamResponse = await handler(request)
     return response
 
@@ -136,9 +139,11 @@ async def readyz(request: web.Request) -> web.Response:
     body = {
         "status": status,
         "worker": state.worker,
-        "policies": {"version": policy_set.version if policy_set else None,
-                     "count": len(policy_set.policies) if policy_set else 0,
-                     "last_reload": last.as_dict()},
+        "policies": {
+            "version": policy_set.version if policy_set else None,
+            "count": len(policy_set.policies) if policy_set else 0,
+            "last_reload": last.as_dict(),
+        },
         "store": store if store is not None else {"store": gateway.limiter.name, "state": "ok"},
         "ledger": state.ledger.status(),
     }
@@ -147,8 +152,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     registry = request.app[STATE].metrics.registry
-    return web.Response(body=generate_latest(registry),
-                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 def policy_view(policy: Policy) -> dict[str, Any]:
@@ -166,8 +172,12 @@ def policy_view(policy: Policy) -> dict[str, Any]:
         "on_store_error": policy.on_store_error,
         "source": policy.source,
         "overrides": [
-            {"identity": o.identity, "exempt": o.exempt,
-             "limit": o.rate.limit if o.rate else None, "per": o.rate.per if o.rate else None}
+            {
+                "identity": o.identity,
+                "exempt": o.exempt,
+                "limit": o.rate.limit if o.rate else None,
+                "per": o.rate.per if o.rate else None,
+            }
             for o in policy.overrides.values()
         ],
     }
@@ -182,12 +192,19 @@ def policies_view(state: AdminState) -> dict[str, Any]:
         "files": [str(path) for path in current.files],
         "loaded_at": round(state.reloader.last_ok.at, 3),
         "policies": [policy_view(p) for p in current.policies],
-        "access": None if current.access is None else [
-            {"name": rule.name, "source": rule.source,
-             "applications": sorted(rule.applications) if rule.applications else None,
-             "subjects": sorted(rule.subjects), "organisations": sorted(rule.organisations),
-             "patterns": [pattern.pattern for pattern in rule.patterns]}
-            for rule in current.access.rules],
+        "access": None
+        if current.access is None
+        else [
+            {
+                "name": rule.name,
+                "source": rule.source,
+                "applications": sorted(rule.applications) if rule.applications else None,
+                "subjects": sorted(rule.subjects),
+                "organisations": sorted(rule.organisations),
+                "patterns": [pattern.pattern for pattern in rule.patterns],
+            }
+            for rule in current.access.rules
+        ],
         "last_reload": state.reloader.last.as_dict(),
     }
 
@@ -222,13 +239,17 @@ def _key_from_query(state: AdminState, request: web.Request) -> _Key:
         raise _BadQuery(f"missing query parameter(s): {', '.join(missing)}")
     app = settings.application(query["application"])
     if app is None:
-        raise _BadQuery(f"application {query['application']!r} is not configured "
-                        f"(known: {', '.join(settings.applications)})")
+        raise _BadQuery(
+            f"application {query['application']!r} is not configured "
+            f"(known: {', '.join(settings.applications)})"
+        )
     identity = query["identity"].strip()
     if settings.identity == "subject":
         if "=" not in identity:
-            raise _BadQuery("identity: keys are by subject DN here (identity: subject); give "
-                            "the DN, e.g. CN=jdoex1234,OU=people,O=CAISO,C=US")
+            raise _BadQuery(
+                "identity: keys are by subject DN here (identity: subject); give "
+                "the DN, e.g. CN=jdoex1234,OU=people,O=CAISO,C=US"
+            )
         try:
             identity = normalise_dn(identity)
         except ValueError as exc:
@@ -285,8 +306,11 @@ async def explain(request: web.Request) -> web.Response:
     if rate is None:
         body.update(applies="exempt: calls are forwarded and never counted", state=None)
         return web.json_response(body)
-    body["rate"] = {"limit": rate.limit, "per": rate.per,
-                    "reset_on_early_retry": rate.reset_on_early_retry}
+    body["rate"] = {
+        "limit": rate.limit,
+        "per": rate.per,
+        "reset_on_early_retry": rate.reset_on_early_retry,
+    }
     try:
         key_state = await gateway.limiter.peek(named.key, rate)
     except StoreUnavailable as exc:
@@ -303,11 +327,13 @@ async def explain(request: web.Request) -> web.Response:
         "now": key_state.now,
         "allowed_now": allowed_now,
     }
-    body["applies"] = ("the next call would be allowed" if allowed_now else
-                       f"the next call would be {'shadow-recorded' if shadow else 'rejected'}; "
-                       f"retry after {key_state.retry_after:.3f}s"
-                       + (" (early retries reset the timer)" if rate.reset_on_early_retry
-                          else ""))
+    body["applies"] = (
+        "the next call would be allowed"
+        if allowed_now
+        else f"the next call would be {'shadow-recorded' if shadow else 'rejected'}; "
+        f"retry after {key_state.retry_after:.3f}s"
+        + (" (early retries reset the timer)" if rate.reset_on_early_retry else "")
+    )
     return web.json_response(body)
 
 
@@ -322,20 +348,44 @@ async def clear_key(request: web.Request) -> web.Response:
     try:
         cleared = await state.gateway.limiter.clear(named.key)
     except StoreUnavailable as exc:
-        support_log.error("support action failed: clear key %s for %s (%s): %s", named.key,
-                          peer, reason or "no reason given", exc)
-        return web.json_response({"key": named.key, "cleared": False, "error": str(exc)},
-                                 status=503)
-    support_log.warning("support action: cleared key %s (identity=%s application=%s "
-                        "service=%s existed=%s) requested from %s: %s", named.key,
-                        named.identity, named.application.name, named.service, cleared, peer,
-                        reason or "no reason given")
+        support_log.error(
+            "support action failed: clear key %s for %s (%s): %s",
+            named.key,
+            peer,
+            reason or "no reason given",
+            exc,
+        )
+        return web.json_response(
+            {"key": named.key, "cleared": False, "error": str(exc)}, status=503
+        )
+    support_log.warning(
+        "support action: cleared key %s (identity=%s application=%s "
+        "service=%s existed=%s) requested from %s: %s",
+        named.key,
+        named.identity,
+        named.application.name,
+        named.service,
+        cleared,
+        peer,
+        reason or "no reason given",
+    )
     state.metrics.support_action("clear_key")
-    state.ledger.record(LedgerEntry(
-        time=time.time(), store_time=0.0, request_id=f"admin:{peer}", decision="cleared",
-        identity=named.identity, subject=named.identity if "=" in named.identity else "",
-        cn=_cn(named.identity), application=named.application.name, service=named.service,
-        policy="", retry_after=0.0, status=0))
+    state.ledger.record(
+        LedgerEntry(
+            time=time.time(),
+            store_time=0.0,
+            request_id=f"admin:{peer}",
+            decision="cleared",
+            identity=named.identity,
+            subject=named.identity if "=" in named.identity else "",
+            cn=_cn(named.identity),
+            application=named.application.name,
+            service=named.service,
+            policy="",
+            retry_after=0.0,
+            status=0,
+        )
+    )
     return web.json_response({"key": named.key, "cleared": cleared})
 
 
@@ -358,8 +408,9 @@ def _provisioned(current: PolicySet, named: _Key) -> bool | None:
         return True
     if "=" not in named.identity:
         return None
-    identity = ClientIdentity(named.identity, _attribute(named.identity, "CN"),
-                              _attribute(named.identity, "O"), "", "")
+    identity = ClientIdentity(
+        named.identity, _attribute(named.identity, "CN"), _attribute(named.identity, "O"), "", ""
+    )
     return current.allows(identity, named.application.name)
 
 
@@ -376,16 +427,23 @@ async def ledger(request: web.Request) -> web.Response:
         entries = await state.ledger.sink.read(Query(query.get("identity"), since, None, limit))
     except Exception as exc:  # the store behind the ledger is away
         return web.json_response({"error": f"ledger unavailable: {exc}"}, status=503)
-    return web.json_response({"where": state.ledger.sink.where,
-                              "entries": [e.as_dict() for e in entries]})
+    return web.json_response(
+        {"where": state.ledger.sink.where, "entries": [e.as_dict() for e in entries]}
+    )
 
 
 async def ops_page(request: web.Request) -> web.Response:
     page = files("gateway").joinpath("static/ops.html").read_bytes()
-    return web.Response(body=page, content_type="text/html", charset="utf-8",
-                        headers={"Cache-Control": "no-store",
-                                 "Content-Security-Policy": "default-src 'self'; "
-                                 "style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
+    return web.Response(
+        body=page,
+        content_type="text/html",
+        charset="utf-8",
+        headers={
+            "Cache-Control": "no-store",
+            "Content-Security-Policy": "default-src 'self'; "
+            "style-src 'unsafe-inline'; script-src 'unsafe-inline'",
+        },
+    )
 
 
 def ops_view(state: AdminState, entries: list[LedgerEntry], window: float) -> dict[str, Any]:
@@ -400,9 +458,16 @@ def ops_view(state: AdminState, entries: list[LedgerEntry], window: float) -> di
         cell = cells.get((who, entry.application, entry.service))
         if cell is None:
             cell = cells[(who, entry.application, entry.service)] = {
-                "identity": who, "cn": entry.cn, "application": entry.application,
-                "service": entry.service, "policy": entry.policy, "rejected": 0, "shadow": 0,
-                "last": entry.time, "retry_after": entry.retry_after}
+                "identity": who,
+                "cn": entry.cn,
+                "application": entry.application,
+                "service": entry.service,
+                "policy": entry.policy,
+                "rejected": 0,
+                "shadow": 0,
+                "last": entry.time,
+                "retry_after": entry.retry_after,
+            }
         cell[entry.decision] += 1
         offenders[who] += 1
     current = state.gateway.policies
@@ -414,13 +479,18 @@ def ops_view(state: AdminState, entries: list[LedgerEntry], window: float) -> di
         "store": state.store_status() or {"store": state.gateway.limiter.name, "state": "ok"},
         "ledger": state.ledger.status(),
         "total": len(violations),
-        "violations": sorted(cells.values(),
-                             key=lambda c: (-(c["rejected"] + c["shadow"]), -c["last"])),
-        "offenders": [{"identity": who, "cn": names[who], "count": count}
-                      for who, count in offenders.most_common(10)],
+        "violations": sorted(
+            cells.values(), key=lambda c: (-(c["rejected"] + c["shadow"]), -c["last"])
+        ),
+        "offenders": [
+            {"identity": who, "cn": names[who], "count": count}
+            for who, count in offenders.most_common(10)
+        ],
         "recent": [e.as_dict() for e in violations[:20]],
-        "policies": {"version": current.version,
-                     "policies": [policy_view(p) for p in current.policies]},
+        "policies": {
+            "version": current.version,
+            "policies": [policy_view(p) for p in current.policies],
+        },
         "last_reload": state.reloader.last.as_dict(),
     }
 
@@ -438,5 +508,6 @@ async def ops_data(request: web.Request) -> web.Response:
         state_view = ops_view(state, [], window)
         state_view["error"] = f"ledger unavailable: {exc}"
         return web.json_response(state_view, headers={"Cache-Control": "no-store"})
-    return web.json_response(ops_view(state, entries, window),
-                             headers={"Cache-Control": "no-store"})
+    return web.json_response(
+        ops_view(state, entries, window), headers={"Cache-Control": "no-store"}
+    )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 
 from gateway import faults
-from gateway.errors import UpstreamError
+from gateway.errors import ErrorCode, UpstreamError
 from gateway.forward import BodyTooLarge, Upstreams
 from gateway.identity import ClientIdentity, IdentityCache
 from gateway.limiter.base import Decision, Limiter, limiter_key
@@ -60,14 +60,21 @@ Observer = Callable[[Outcome], None]
 class Gateway:
     """Holds what a request needs; `policies` is swapped whole on reload."""
 
-    def __init__(self, settings: Settings, limiter: Limiter, policies: PolicySet | None = None,
-                 ) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        limiter: Limiter,
+        policies: PolicySet | None = None,
+    ) -> None:
         self.settings = settings
         self.router = Router(settings)
         self.policies = policies if policies is not None else load_policies(settings)
         # Always behind the store-failure policy, so a policy's own on_store_error applies.
-        self.limiter = limiter if isinstance(limiter, ResilientLimiter) else ResilientLimiter(
-            limiter, mode=settings.on_store_error)
+        self.limiter = (
+            limiter
+            if isinstance(limiter, ResilientLimiter)
+            else ResilientLimiter(limiter, mode=settings.on_store_error)
+        )
         self.upstreams = Upstreams(settings)
         self.identities = IdentityCache()
         self._request_ids = request_ids()
@@ -99,31 +106,50 @@ class Gateway:
         content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
         identity = outcome.identity = self._identity(request)
         if identity is None:  # unreachable with CERT_REQUIRED; kept as a last line of defence
-            return self._error(None, content_type, outcome, 403, "NO-CERTIFICATE",
-                               "A verified client certificate is required.")
+            return self._error(
+                None,
+                content_type,
+                outcome,
+                403,
+                ErrorCode.NO_CERTIFICATE,
+                "A verified client certificate is required.",
+            )
 
         path, _, query = request.raw_path.partition("?")  # the query as sent, never decoded
-        target = self.router.route(request.method, path, query,
-                                   request.headers.get("SOAPAction"), content_type)
+        target = self.router.route(
+            request.method, path, query, request.headers.get("SOAPAction"), content_type
+        )
         if isinstance(target, NoRoute):
             outcome.decision = "refused"
-            return self._error(target.application, content_type, outcome, target.status,
-                               target.code, target.message)
+            return self._error(
+                target.application,
+                content_type,
+                outcome,
+                target.status,
+                target.code,
+                target.message,
+            )
         app = target.application
         outcome.application, outcome.service = app.name, target.service
         policies = self.policies  # read once: a reload swaps the whole set
         if not policies.allows(identity, app.name):
             outcome.decision = "refused"
-            return self._error(app, content_type, outcome, 403, "NOT-PROVISIONED",
-                               f"{identity.cn or 'This identity'} is not provisioned for "
-                               f"{app.name}.")
+            return self._error(
+                app,
+                content_type,
+                outcome,
+                403,
+                ErrorCode.NOT_PROVISIONED,
+                f"{identity.cn or 'This identity'} is not provisioned for {app.name}.",
+            )
         prefix = b""  # the start of the body, when the service had to be read from it
         if target.from_body:
             routed, prefix = await route_by_body(target, content_type, request.content.read)
             if isinstance(routed, NoRoute):
                 outcome.decision = "refused"
-                return self._error(app, content_type, outcome, routed.status, routed.code,
-                                   routed.message)
+                return self._error(
+                    app, content_type, outcome, routed.status, routed.code, routed.message
+                )
             target = routed
             outcome.service = target.service
 
@@ -136,22 +162,35 @@ class Gateway:
         max_body = app.max_body if app.max_body is not None else self.settings.limits.max_body
         forwarded = time.perf_counter()
         try:
-            response = await self.upstreams.forward(request, app, target.upstream_path, identity,
-                                                    outcome.request_id, max_body, prefix)
+            response = await self.upstreams.forward(
+                request, app, target.upstream_path, identity, outcome.request_id, max_body, prefix
+            )
         except BodyTooLarge:
-            too_large = self._error(app, content_type, outcome, 413, "BODY-TOO-LARGE",
-                                    f"The request body is larger than {max_body} bytes.")
+            too_large = self._error(
+                app,
+                content_type,
+                outcome,
+                413,
+                ErrorCode.BODY_TOO_LARGE,
+                f"The request body is larger than {max_body} bytes.",
+            )
             too_large.force_close()  # "Connection: close": the rest of the body is not read
             return too_large
         except UpstreamError as exc:
-            code = "UPSTREAM-UNAVAILABLE" if exc.status >= 500 else "BAD-REQUEST"
+            code = ErrorCode.UPSTREAM_UNAVAILABLE if exc.status >= 500 else ErrorCode.BAD_REQUEST
             return self._error(app, content_type, outcome, exc.status, code, exc.reason)
         outcome.upstream_status = response.status
         outcome.upstream_latency = time.perf_counter() - forwarded
         return response
 
-    async def _decide(self, policy: Policy, identity: ClientIdentity, target: Target,
-                      content_type: str, outcome: Outcome) -> web.StreamResponse | None:
+    async def _decide(
+        self,
+        policy: Policy,
+        identity: ClientIdentity,
+        target: Target,
+        content_type: str,
+        outcome: Outcome,
+    ) -> web.StreamResponse | None:
         """Ask the limiter; the fault to send when the call is refused, else None."""
         outcome.policy = policy.name
         key_identity = identity.key(self.settings.identity)
@@ -161,8 +200,7 @@ class Gateway:
             return None
         key = outcome.key = limiter_key(key_identity, target.application.name, target.service)
         asked = time.perf_counter()
-        decision: Decision = await self.limiter.decide(key, rate,
-                                                       on_error=policy.on_store_error)
+        decision: Decision = await self.limiter.decide(key, rate, on_error=policy.on_store_error)
         outcome.store_latency = time.perf_counter() - asked
         outcome.store_time = decision.now
         if decision.allowed:
@@ -175,10 +213,16 @@ class Gateway:
         outcome.decision = "rejected"
         app = target.application
         fault = self._violations.fault(
-            faults.shape_for(app, content_type), policy_name=policy.name,
-            message_template=policy.message, rate=rate, decision=decision,
-            application=app.name, service=target.service, request_id=outcome.request_id,
-            status=app.fault_status)
+            faults.shape_for(app, content_type),
+            policy_name=policy.name,
+            message_template=policy.message,
+            rate=rate,
+            decision=decision,
+            application=app.name,
+            service=target.service,
+            request_id=outcome.request_id,
+            status=app.fault_status,
+        )
         return _respond(fault, outcome)
 
     def _identity(self, request: web.BaseRequest) -> ClientIdentity | None:
@@ -190,8 +234,15 @@ class Gateway:
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         return self.identities.get(der) if der else None
 
-    def _error(self, app: Application | None, content_type: str, outcome: Outcome, status: int,
-               code: str, message: str) -> web.Response:
+    def _error(
+        self,
+        app: Application | None,
+        content_type: str,
+        outcome: Outcome,
+        status: int,
+        code: ErrorCode,
+        message: str,
+    ) -> web.Response:
         if app is not None:
             shape = faults.shape_for(app, content_type)
         elif "soap+xml" in content_type:
@@ -200,10 +251,15 @@ class Gateway:
             shape = "soap11"
         else:
             shape = "problem"
-        fault = faults.error_fault(shape, status=status, code=code, message=message,
-                                   application=outcome.application or None,
-                                   service=outcome.service or None,
-                                   request_id=outcome.request_id)
+        fault = faults.error_fault(
+            shape,
+            status=status,
+            code=code,
+            message=message,
+            application=outcome.application or None,
+            service=outcome.service or None,
+            request_id=outcome.request_id,
+        )
         return _respond(fault, outcome)
 
 
@@ -221,21 +277,26 @@ def request_ids() -> Iterator[str]:
 def log_access(outcome: Outcome) -> None:
     """One JSON line per call (`access_log: false` turns it off, e.g. for benchmarks)."""
     identity = outcome.identity
-    access_log.info(json.dumps({
-        "time": round(time.time(), 3),
-        "request_id": outcome.request_id,
-        "cn": identity.cn if identity else None,
-        "identity": identity.subject if identity else None,
-        "key": outcome.key or None,
-        "application": outcome.application,
-        "service": outcome.service,
-        "decision": outcome.decision,
-        "policy": outcome.policy,
-        "status": outcome.status,
-        "upstream_status": outcome.upstream_status or None,
-        "retry_after": round(outcome.retry_after, 3) if outcome.retry_after else None,
-        "latency_ms": round(outcome.elapsed * 1000, 3),
-    }, separators=(",", ":")))
+    access_log.info(
+        json.dumps(
+            {
+                "time": round(time.time(), 3),
+                "request_id": outcome.request_id,
+                "cn": identity.cn if identity else None,
+                "identity": identity.subject if identity else None,
+                "key": outcome.key or None,
+                "application": outcome.application,
+                "service": outcome.service,
+                "decision": outcome.decision,
+                "policy": outcome.policy,
+                "status": outcome.status,
+                "upstream_status": outcome.upstream_status or None,
+                "retry_after": round(outcome.retry_after, 3) if outcome.retry_after else None,
+                "latency_ms": round(outcome.elapsed * 1000, 3),
+            },
+            separators=(",", ":"),
+        )
+    )
 
 
 def _respond(fault: faults.Fault, outcome: Outcome) -> web.Response:

@@ -22,13 +22,18 @@ def check(config: Path, out: TextIO | None = None, err: TextIO | None = None) ->
             print(problem, file=err)
         print(f"{len(exc.problems)} error(s)", file=err)
         return 1
-    print(f"ok: {config}: {len(settings.applications)} applications, "
-          f"{len(policies.policies)} policies from {len(policies.files)} files "
-          f"(version {policies.version})", file=out)
+    print(
+        f"ok: {config}: {len(settings.applications)} applications, "
+        f"{len(policies.policies)} policies from {len(policies.files)} files "
+        f"(version {policies.version})",
+        file=out,
+    )
     for policy in policies.policies:
         rate = policy.rate
         reset = ", resets on early retry" if rate.reset_on_early_retry else ""
-        print(f"  {policy.name}: {policy.application} {','.join(policy.services)} "
-              f"{rate.limit} per {rate.per:g}s{reset} [{policy.mode}]  ({policy.source})",
-              file=out)
+        print(
+            f"  {policy.name}: {policy.application} {','.join(policy.services)} "
+            f"{rate.limit} per {rate.per:g}s{reset} [{policy.mode}]  ({policy.source})",
+            file=out,
+        )
     return 0

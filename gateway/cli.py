@@ -17,8 +17,12 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", type=Path, default=Path("gateway.yaml"))
-    serve.add_argument("--workers", type=int, default=1,
-                       help="processes sharing the port (SO_REUSEPORT); needs a shared store")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the port (SO_REUSEPORT); needs a shared store",
+    )
 
     check = commands.add_parser("check", help="validate configuration and policies offline")
     check.add_argument("--config", type=Path, default=Path("gateway.yaml"))
@@ -43,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     ledger.add_argument("--json", action="store_true", help="JSON instead of a table")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return _dispatch(args)
     except ConfigError as exc:
@@ -69,8 +75,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from gateway.certs import write_demo_certs
 
         made = write_demo_certs(args.out)
-        print(f"certificates in {args.out}: CA {made.ca.name}, server {made.server.name}, "
-              f"clients {', '.join(sorted(made.clients))}")
+        print(
+            f"certificates in {args.out}: CA {made.ca.name}, server {made.server.name}, "
+            f"clients {', '.join(sorted(made.clients))}"
+        )
         return 0
     if args.command == "mock-upstream":
         from gateway.mock import serve_mock_upstream
@@ -80,8 +88,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "ledger":
         from gateway.ledger import print_ledger
 
-        return print_ledger(args.config, identity=args.identity, since=args.since,
-                            until=args.until, limit=args.limit, as_json=args.json)
+        return print_ledger(
+            args.config,
+            identity=args.identity,
+            since=args.since,
+            until=args.until,
+            limit=args.limit,
+            as_json=args.json,
+        )
     if args.command == "demo":
         from gateway.demo import run_demo
 

@@ -40,6 +40,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from gateway import faults
+from gateway.errors import ErrorCode
 from gateway.identity import ClientIdentity, IdentityMode
 from gateway.settings import Limits
 
@@ -65,8 +66,15 @@ class GuardStats:
 class GuardedServer(web.Server):
     """`web.Server` whose connections are GuardedHandlers sharing one per-identity count."""
 
-    def __init__(self, handler: Any, *, limits: Limits, identify: Identify | None = None,
-                 identity_mode: IdentityMode = "subject", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        limits: Limits,
+        identify: Identify | None = None,
+        identity_mode: IdentityMode = "subject",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
         self.limits = limits
         self.stats = GuardStats()
@@ -93,9 +101,12 @@ class GuardedServer(web.Server):
         count = self._open.get(key, 0)
         if count >= self.limits.max_connections_per_identity:
             self.stats.refused_connections += 1
-            log.warning("connection refused: %s already has %d connections open (max %d)",
-                        identity.cn or identity.subject, count,
-                        self.limits.max_connections_per_identity)
+            log.warning(
+                "connection refused: %s already has %d connections open (max %d)",
+                identity.cn or identity.subject,
+                count,
+                self.limits.max_connections_per_identity,
+            )
             return False, None, identity
         self._open[key] = count + 1
         return True, key, identity
@@ -109,9 +120,19 @@ class GuardedServer(web.Server):
 
 
 class GuardedHandler(RequestHandler):
-    __slots__ = ("_body_deadline", "_guard", "_head_bytes", "_head_deadline", "_identity_key",
-                 "_payload", "_read_timeout", "_send_backlog", "_send_deadline", "_timer",
-                 "identity")
+    __slots__ = (
+        "_body_deadline",
+        "_guard",
+        "_head_bytes",
+        "_head_deadline",
+        "_identity_key",
+        "_payload",
+        "_read_timeout",
+        "_send_backlog",
+        "_send_deadline",
+        "_timer",
+        "identity",
+    )
 
     def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -236,8 +257,11 @@ class GuardedHandler(RequestHandler):
             else:
                 self._time_out("send", "the client did not read the answer")
                 return
-        pending = [d for d in (self._head_deadline, self._body_deadline, self._send_deadline)
-                   if d is not None]
+        pending = [
+            d
+            for d in (self._head_deadline, self._body_deadline, self._send_deadline)
+            if d is not None
+        ]
         if pending:
             self._arm(min(pending))
 
@@ -249,12 +273,20 @@ class GuardedHandler(RequestHandler):
             stats.body_timeouts += 1
         else:
             stats.send_timeouts += 1
-        log.info("closing connection from %s: %s within %gs", _peer(self.transport), why,
-                 self._read_timeout)
+        log.info(
+            "closing connection from %s: %s within %gs",
+            _peer(self.transport),
+            why,
+            self._read_timeout,
+        )
         if phase == "head" and self._head_bytes and self.transport is not None:
-            self.transport.write(_raw_response(408, "REQUEST-TIMEOUT",
-                                               f"The request head was not complete within "
-                                               f"{self._read_timeout:g} seconds."))
+            self.transport.write(
+                _raw_response(
+                    408,
+                    ErrorCode.REQUEST_TIMEOUT,
+                    f"The request head was not complete within {self._read_timeout:g} seconds.",
+                )
+            )
         self.force_close()
 
     # --- answers the handler never sees ---------------------------------------------------
@@ -262,62 +294,92 @@ class GuardedHandler(RequestHandler):
     async def _refuse_connection(self, request: web.BaseRequest) -> web.StreamResponse:
         shape = faults.shape_for(None, request.headers.get(hdrs.CONTENT_TYPE, ""))
         fault = faults.error_fault(
-            shape, status=429, code="TOO-MANY-CONNECTIONS",
+            shape,
+            status=429,
+            code=ErrorCode.TOO_MANY_CONNECTIONS,
             message=f"Too many concurrent connections for this certificate (at most "
-                    f"{self._guard.limits.max_connections_per_identity}); reuse a connection "
-                    "or close one.",
-            application=None, service=None, request_id=str(uuid.uuid4()), retry_after=1)
+            f"{self._guard.limits.max_connections_per_identity}); reuse a connection "
+            "or close one.",
+            application=None,
+            service=None,
+            request_id=str(uuid.uuid4()),
+            retry_after=1,
+        )
         response = web.Response(status=fault.status, headers=fault.headers, body=fault.body)
         response.force_close()
         return response
 
-    def handle_error(self, request: web.BaseRequest, status: int = 500,
-                     exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
         if not isinstance(exc, HttpProcessingError):  # a bug, not the client: aiohttp logs it
             return super().handle_error(request, status, exc, message)
-        status, code, text = _classify(exc, self.max_line_size, self.max_field_size,
-                                       self.max_headers)
+        status, code, text = _classify(
+            exc, self.max_line_size, self.max_field_size, self.max_headers
+        )
         self._guard.stats.bad_requests += 1
         first_line = (exc.message or type(exc).__name__).splitlines()[0][:160]
         log.info("bad request from %s: %d %s", request.remote, status, first_line)
         if request.writer.output_size > 0:
             raise ConnectionError("an answer was already started; closing instead")
-        fault = faults.error_fault("problem", status=status, code=code, message=text,
-                                   application=None, service=None,
-                                   request_id=str(uuid.uuid4()))
+        fault = faults.error_fault(
+            "problem",
+            status=status,
+            code=code,
+            message=text,
+            application=None,
+            service=None,
+            request_id=str(uuid.uuid4()),
+        )
         response = web.Response(status=status, headers=fault.headers, body=fault.body)
         response.force_close()
         return response
 
 
-def _classify(exc: HttpProcessingError, max_line: int, max_field: int,
-              max_headers: int) -> tuple[int, str, str]:
+def _classify(
+    exc: HttpProcessingError, max_line: int, max_field: int, max_headers: int
+) -> tuple[int, ErrorCode, str]:
     """A parser error -> (status, code, message) without echoing the client's bytes."""
     if isinstance(exc, LineTooLong):
         line = exc.args[0] if exc.args else b""
         limit = exc.args[1] if len(exc.args) > 1 else None
         is_target = isinstance(line, bytes | bytearray) and (line[:1] == b"/" or b"://" in line)
         if limit == max_line and (limit != max_field or is_target):
-            return 414, "URI-TOO-LONG", f"The request line is longer than {max_line} bytes."
-        return 431, "HEADER-TOO-LARGE", f"A request header is longer than {max_field} bytes."
+            return 414, ErrorCode.URI_TOO_LONG, f"The request line is longer than {max_line} bytes."
+        return (
+            431,
+            ErrorCode.HEADER_TOO_LARGE,
+            f"A request header is longer than {max_field} bytes.",
+        )
     if exc.code == 505:
-        return 505, "HTTP-VERSION", "Only HTTP/1.1 and HTTP/1.0 are served here."
+        return 505, ErrorCode.HTTP_VERSION, "Only HTTP/1.1 and HTTP/1.0 are served here."
     if "Too many headers" in (exc.message or ""):
-        return 431, "TOO-MANY-HEADERS", f"The request has more than {max_headers} headers."
+        return 431, ErrorCode.TOO_MANY_HEADERS, f"The request has more than {max_headers} headers."
     reason = (exc.message or "malformed request").splitlines()[0].rstrip(":")
     # Keep the client's bytes out of the answer: quoted parts only when plainly a name.
-    reason = _QUOTED.sub(lambda m: m[0] if _PLAIN_NAME.match(m[1] or m[2] or "") else "'...'",
-                         reason)
+    reason = _QUOTED.sub(
+        lambda m: m[0] if _PLAIN_NAME.match(m[1] or m[2] or "") else "'...'", reason
+    )
     if len(reason) > 80:
         reason = "malformed request"
-    return 400, "BAD-REQUEST", f"The request is not valid HTTP/1.1 ({reason})."
+    return 400, ErrorCode.BAD_REQUEST, f"The request is not valid HTTP/1.1 ({reason})."
 
 
-def _raw_response(status: int, code: str, message: str) -> bytes:
+def _raw_response(status: int, code: ErrorCode, message: str) -> bytes:
     """A complete response written straight to the transport (no request object exists)."""
-    fault = faults.error_fault("problem", status=status, code=code, message=message,
-                               application=None, service=None, request_id=str(uuid.uuid4()))
+    fault = faults.error_fault(
+        "problem",
+        status=status,
+        code=code,
+        message=message,
+        application=None,
+        service=None,
+        request_id=str(uuid.uuid4()),
+    )
     head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
     head += [f"{name}: {value}" for name, value in fault.headers.items()]
     head += [f"Content-Length: {len(fault.body)}", "Connection: close", "", ""]

@@ -1,6 +1,9 @@
-"""The gateway's error hierarchy: one root, a few specific children."""
+"""The gateway's error hierarchy (one root, a few specific children) and the result codes its
+own answers carry."""
 
 from __future__ import annotations
+
+from enum import StrEnum
 
 
 class GatewayError(Exception):
@@ -26,3 +29,30 @@ class UpstreamError(GatewayError):
 
 class StoreUnavailable(GatewayError):
     """The shared limiter store (Redis) could not answer in time."""
+
+
+class ErrorCode(StrEnum):
+    """Every result code the gateway sends in its own answers (SOAP `Event/result`, JSON
+    `code`), with the status each is meant for. The README lists them."""
+
+    VIOLATION = "AUP-VIOLATION"  # the policy's status (500 SOAP 1.1, 400 SOAP 1.2, 429 JSON)
+    UNKNOWN_APPLICATION = "AUP-UNKNOWN-APPLICATION"  # 404
+    UNKNOWN_SERVICE = "AUP-UNKNOWN-SERVICE"  # 404
+    BAD_METHOD = "AUP-BAD-METHOD"  # 405
+    BAD_PATH = "AUP-BAD-PATH"  # 400
+    BAD_XML = "AUP-BAD-XML"  # 400: the SOAP message is not well-formed
+    UNSAFE_XML = "AUP-UNSAFE-XML"  # 400: DTDs, entities
+    BAD_REQUEST = "AUP-BAD-REQUEST"  # 400: not valid HTTP/1.1
+    NO_CERTIFICATE = "AUP-NO-CERTIFICATE"  # 403: the connection presented no certificate
+    CERTIFICATE_REFUSED = "AUP-CERTIFICATE-REFUSED"  # 403: revoked/untrusted on a resumed session
+    NOT_PROVISIONED = "AUP-NOT-PROVISIONED"  # 403
+    BODY_TOO_LARGE = "AUP-BODY-TOO-LARGE"  # 413
+    URI_TOO_LONG = "AUP-URI-TOO-LONG"  # 414
+    HEADER_TOO_LARGE = "AUP-HEADER-TOO-LARGE"  # 431
+    TOO_MANY_HEADERS = "AUP-TOO-MANY-HEADERS"  # 431
+    TOO_MANY_CONNECTIONS = "AUP-TOO-MANY-CONNECTIONS"  # 429
+    REQUEST_TIMEOUT = "AUP-REQUEST-TIMEOUT"  # 408
+    HTTP_VERSION = "AUP-HTTP-VERSION"  # 505
+    UPSTREAM_UNAVAILABLE = "AUP-UPSTREAM-UNAVAILABLE"  # 502
+    UPSTREAM_TIMEOUT = "AUP-UPSTREAM-TIMEOUT"  # 504
+    STORE_UNAVAILABLE = "AUP-STORE-UNAVAILABLE"  # 503

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Literal
 
+from gateway.errors import ErrorCode
 from gateway.limiter.base import Decision, Rate
 from gateway.settings import Application
 
@@ -38,19 +39,10 @@ SOAP12_CONTENT_TYPE = "application/soap+xml; charset=utf-8"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 ERRORLIST_CONTENT_TYPE = "application/json; charset=utf-8"
 
-VIOLATION_CODE = "AUP-VIOLATION"
 VIOLATION_TITLE = "Acceptable Use Policy violation"
 # The operator's own REST code for "too many requests": CRR clients already handle it.
 ERRORLIST_VIOLATION_CODE = "GEN0003"
 
-# Error codes for `error_fault`, with the status each is meant for.
-UNKNOWN_APPLICATION = "AUP-UNKNOWN-APPLICATION"  # 404
-NOT_PROVISIONED = "AUP-NOT-PROVISIONED"  # 403
-BAD_REQUEST = "AUP-BAD-REQUEST"  # 400 (malformed or hostile XML, bad headers)
-BODY_TOO_LARGE = "AUP-BODY-TOO-LARGE"  # 413
-UPSTREAM_UNAVAILABLE = "AUP-UPSTREAM-UNAVAILABLE"  # 502
-UPSTREAM_TIMEOUT = "AUP-UPSTREAM-TIMEOUT"  # 504
-STORE_UNAVAILABLE = "AUP-STORE-UNAVAILABLE"  # 503
 
 MESSAGE_FIELDS = ("retry_after", "service", "per")
 
@@ -350,7 +342,7 @@ def violation_fault(
         body = _soap(
             shape,
             sender=True,  # the caller's behaviour is at fault, whatever status is configured
-            code=VIOLATION_CODE,
+            code=ErrorCode.VIOLATION,
             message=message,
             request_id=request_id,
             created=decision.now,
@@ -465,35 +457,80 @@ class ViolationFaults:
         self._size = size
         self._pieces: dict[tuple[object, ...], tuple[int, dict[str, str], bytes, bytes, bytes]] = {}
 
-    def fault(self, shape: FaultShape, *, policy_name: str, message_template: str, rate: Rate,
-              decision: Decision, application: str, service: str, request_id: str,
-              status: int | None = None) -> Fault:
+    def fault(
+        self,
+        shape: FaultShape,
+        *,
+        policy_name: str,
+        message_template: str,
+        rate: Rate,
+        decision: Decision,
+        application: str,
+        service: str,
+        request_id: str,
+        status: int | None = None,
+    ) -> Fault:
         wait = retry_after_seconds(decision.retry_after)
         if shape not in ("soap11", "soap12"):
-            return self._render(shape, policy_name, message_template, rate, decision, application,
-                                service, request_id, status)
+            return self._render(
+                shape,
+                policy_name,
+                message_template,
+                rate,
+                decision,
+                application,
+                service,
+                request_id,
+                status,
+            )
         key = (shape, policy_name, message_template, rate, application, service, status, wait)
         pieces = self._pieces.get(key)
         if pieces is None:
-            fault = self._render(shape, policy_name, message_template, rate,
-                                 Decision(False, float(wait), 0, decision.reset_after, 0.0),
-                                 application, service, _ID_MARK, status)
+            fault = self._render(
+                shape,
+                policy_name,
+                message_template,
+                rate,
+                Decision(False, float(wait), 0, decision.reset_after, 0.0),
+                application,
+                service,
+                _ID_MARK,
+                status,
+            )
             head, _, rest = fault.body.partition(_ID_MARK.encode())
             middle, _, tail = rest.partition(_EPOCH_TEXT)
             pieces = (fault.status, fault.headers, head, middle, tail)
             if len(self._pieces) < self._size:  # service names come from URLs: bounded
                 self._pieces[key] = pieces
         status_code, headers, head, middle, tail = pieces
-        body = b"".join((head, xml_text(request_id).encode(), middle,
-                         iso_time(decision.now).encode(), tail))
+        body = b"".join(
+            (head, xml_text(request_id).encode(), middle, iso_time(decision.now).encode(), tail)
+        )
         return Fault(status_code, dict(headers), body)
 
     @staticmethod
-    def _render(shape: FaultShape, policy_name: str, message_template: str, rate: Rate,
-                decision: Decision, application: str, service: str, request_id: str,
-                status: int | None) -> Fault:
-        message = render_message(message_template, retry_after=decision.retry_after,
-                                 service=service, per=rate.per)
-        return violation_fault(shape, policy_name=policy_name, message=message, rate=rate,
-                               decision=decision, application=application, service=service,
-                               request_id=request_id, status=status)
+    def _render(
+        shape: FaultShape,
+        policy_name: str,
+        message_template: str,
+        rate: Rate,
+        decision: Decision,
+        application: str,
+        service: str,
+        request_id: str,
+        status: int | None,
+    ) -> Fault:
+        message = render_message(
+            message_template, retry_after=decision.retry_after, service=service, per=rate.per
+        )
+        return violation_fault(
+            shape,
+            policy_name=policy_name,
+            message=message,
+            rate=rate,
+            decision=decision,
+            application=application,
+            service=service,
+            request_id=request_id,
+            status=status,
+        )

@@ -28,17 +28,36 @@ CHUNK = 64 * 1024
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection",
-        "TE", "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
     )
 )
 # Headers only the gateway may set: whatever a client sends under these names is dropped.
 OWNED = frozenset(
     h.lower()
     for h in (
-        "X-Forwarded-Client-Cert", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host",
-        "X-Forwarded-Port", "Forwarded", "X-Real-IP", "X-Request-Id", "X-Client-Cert",
-        "X-SSL-Client-Cert", "X-SSL-Client-DN", "X-Client-DN", "X-AUP-Identity",
+        "X-Forwarded-Client-Cert",
+        "X-Forwarded-For",
+        "X-Forwarded-Proto",
+        "X-Forwarded-Host",
+        "X-Forwarded-Port",
+        "Forwarded",
+        "X-Real-IP",
+        "X-Request-Id",
+        "X-Client-Cert",
+        "X-SSL-Client-Cert",
+        "X-SSL-Client-DN",
+        "X-Client-DN",
+        "X-AUP-Identity",
     )
 )
 _DROP_REQUEST = HOP_BY_HOP | OWNED
@@ -64,16 +83,26 @@ class Upstreams:
     async def start(self) -> None:
         for app in self._settings.applications.values():
             self._pools[app.name] = UpstreamPool(
-                app.upstream, size=app.pool_size, connect_timeout=app.connect_timeout,
-                read_timeout=app.timeout)
+                app.upstream,
+                size=app.pool_size,
+                connect_timeout=app.connect_timeout,
+                read_timeout=app.timeout,
+            )
 
     async def close(self) -> None:
         await asyncio.gather(*(pool.close() for pool in self._pools.values()))
         self._pools.clear()
 
-    async def forward(self, request: web.BaseRequest, app: Application, upstream_path: str,
-                      identity: ClientIdentity, request_id: str, max_body: int,
-                      prefix: bytes = b"") -> web.StreamResponse:
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        app: Application,
+        upstream_path: str,
+        identity: ClientIdentity,
+        request_id: str,
+        max_body: int,
+        prefix: bytes = b"",
+    ) -> web.StreamResponse:
         """Send the request upstream and relay the answer; UpstreamError when that fails.
 
         `prefix` is the start of the body that routing already read (routing.route_by_body).
@@ -94,7 +123,8 @@ class Upstreams:
             body = None
         try:
             upstream = await self._pools[app.name].request(
-                request.method, upstream_path, headers.items(), body, content_length=length)
+                request.method, upstream_path, headers.items(), body, content_length=length
+            )
             return await _relay(request, upstream, request_id)
         # The reason reaches the client in the fault: it names no address; the log does.
         except UpstreamTimeout as exc:
@@ -104,16 +134,21 @@ class Upstreams:
             log.debug("%s upstream: %s", app.name, exc)
             raise UpstreamError(502, f"{app.name} upstream unavailable") from exc
         except RequestBodyFailed as exc:
-            raise UpstreamError(502, f"{app.name} request body broke off: "
-                                     f"{type(exc.__cause__).__name__}") from exc
+            raise UpstreamError(
+                502, f"{app.name} request body broke off: {type(exc.__cause__).__name__}"
+            ) from exc
 
 
-def upstream_headers(request: web.BaseRequest, identity: ClientIdentity,
-                     request_id: str) -> CIMultiDict[str]:
+def upstream_headers(
+    request: web.BaseRequest, identity: ClientIdentity, request_id: str
+) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop and gateway-owned ones, plus the gateway's own."""
     connection = request.headers.get(hdrs.CONNECTION, "")
-    named = ({h.strip().lower().replace("_", "-") for h in connection.split(",")}
-             if connection else set())
+    named = (
+        {h.strip().lower().replace("_", "-") for h in connection.split(",")}
+        if connection
+        else set()
+    )
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         # `X_Forwarded_Client_Cert` is the same header to CGI/WSGI-style upstreams: compare
@@ -129,8 +164,11 @@ def upstream_headers(request: web.BaseRequest, identity: ClientIdentity,
     return headers
 
 
-async def _counted(request: web.BaseRequest, max_body: int, prefix: bytes = b"",
-                   ) -> AsyncIterator[bytes]:
+async def _counted(
+    request: web.BaseRequest,
+    max_body: int,
+    prefix: bytes = b"",
+) -> AsyncIterator[bytes]:
     seen = len(prefix)
     if prefix:
         yield prefix
@@ -148,10 +186,16 @@ async def _counted(request: web.BaseRequest, max_body: int, prefix: bytes = b"",
         yield chunk
 
 
-async def _relay(request: web.BaseRequest, upstream: UpstreamResponse, request_id: str,
-                 ) -> web.StreamResponse:
-    headers = [(name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-               for name, value in upstream.headers if name.lower() not in _DROP_RESPONSE]
+async def _relay(
+    request: web.BaseRequest,
+    upstream: UpstreamResponse,
+    request_id: str,
+) -> web.StreamResponse:
+    headers = [
+        (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        for name, value in upstream.headers
+        if name.lower() not in _DROP_RESPONSE
+    ]
     headers.append(("X-Request-Id", request_id))
     length = upstream.content_length
     reason = upstream.reason or None

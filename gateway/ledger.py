@@ -113,11 +113,20 @@ class LedgerEntry:
     def as_dict(self) -> dict[str, Any]:
         # By hand: dataclasses.asdict deep-copies every field and costs several times more,
         # and this runs once per ledger entry.
-        return {"time": self.time, "store_time": self.store_time,
-                "request_id": self.request_id, "decision": self.decision,
-                "identity": self.identity, "subject": self.subject, "cn": self.cn,
-                "application": self.application, "service": self.service,
-                "policy": self.policy, "retry_after": self.retry_after, "status": self.status}
+        return {
+            "time": self.time,
+            "store_time": self.store_time,
+            "request_id": self.request_id,
+            "decision": self.decision,
+            "identity": self.identity,
+            "subject": self.subject,
+            "cn": self.cn,
+            "application": self.application,
+            "service": self.service,
+            "policy": self.policy,
+            "retry_after": self.retry_after,
+            "status": self.status,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +208,7 @@ class FileSink:
                     entry = LedgerEntry.from_json(line)
                     if entry is not None and query.matches(entry):
                         found.append(entry)
-        return found[-query.limit:] if query.limit else found
+        return found[-query.limit :] if query.limit else found
 
     async def recent(self, seconds: float, limit: int) -> list[LedgerEntry]:
         return await asyncio.to_thread(self._recent, time.time() - seconds, limit)
@@ -229,8 +238,14 @@ class StreamSink:
     # decisions queued behind an append never wait long.
     batch = 100
 
-    def __init__(self, client: Redis | RedisCluster, key: str, max_entries: int, where: str,
-                 closer: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        key: str,
+        max_entries: int,
+        where: str,
+        closer: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._client = client
         self._closer = closer
         self.key = key
@@ -248,7 +263,7 @@ class StreamSink:
         async for entry in self._range(start, end):
             if query.matches(entry):
                 found.append(entry)
-        return found[-query.limit:] if query.limit else found
+        return found[-query.limit :] if query.limit else found
 
     async def _range(self, start: str, end: str) -> AsyncIterator[LedgerEntry]:
         while True:
@@ -275,8 +290,14 @@ class StreamSink:
 class LedgerWriter:
     """The observer that queues violations, and the task that writes them out."""
 
-    def __init__(self, sink: LedgerSink, mode: IdentityMode, *,
-                 flush_interval: float = FLUSH_INTERVAL, max_pending: int = MAX_PENDING) -> None:
+    def __init__(
+        self,
+        sink: LedgerSink,
+        mode: IdentityMode,
+        *,
+        flush_interval: float = FLUSH_INTERVAL,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
         self.sink = sink
         self._mode = mode
         self._interval = flush_interval
@@ -305,9 +326,15 @@ class LedgerWriter:
         self._pending.append(entry)
 
     def status(self) -> dict[str, Any]:
-        return {"sink": self.sink.name, "where": self.sink.where, "written": self.written,
-                "dropped": self.dropped, "errors": self.errors,
-                "pending": len(self._pending) + self._in_flight, "last_error": self.last_error}
+        return {
+            "sink": self.sink.name,
+            "where": self.sink.where,
+            "written": self.written,
+            "dropped": self.dropped,
+            "errors": self.errors,
+            "pending": len(self._pending) + self._in_flight,
+            "last_error": self.last_error,
+        }
 
     def start(self) -> None:
         if self._task is None:
@@ -322,8 +349,11 @@ class LedgerWriter:
             self._task = None
         await self.flush()
         if self._pending:
-            log.error("ledger: %d entries could not be written to %s at shutdown",
-                      len(self._pending), self.sink.where)
+            log.error(
+                "ledger: %d entries could not be written to %s at shutdown",
+                len(self._pending),
+                self.sink.where,
+            )
         await self.sink.close()
 
     async def flush(self) -> None:
@@ -339,8 +369,11 @@ class LedgerWriter:
             entries: list[LedgerEntry] = []
             try:
                 for index, item in enumerate(batch):
-                    entries.append(item if isinstance(item, LedgerEntry) else
-                                   LedgerEntry.from_outcome(item[1], self._mode, item[0]))
+                    entries.append(
+                        item
+                        if isinstance(item, LedgerEntry)
+                        else LedgerEntry.from_outcome(item[1], self._mode, item[0])
+                    )
                     if index % _ENCODE_SLICE == _ENCODE_SLICE - 1:
                         await asyncio.sleep(0)  # a big batch never holds the loop for long
                 await self.sink.append([entry.to_json() for entry in entries])
@@ -354,8 +387,12 @@ class LedgerWriter:
                 self.errors += 1
                 self.last_error = str(exc) or type(exc).__name__
                 if not self._failing:
-                    log.warning("ledger: writing to %s failed (%s); %d entries kept queued",
-                                self.sink.where, self.last_error, len(pending))
+                    log.warning(
+                        "ledger: writing to %s failed (%s); %d entries kept queued",
+                        self.sink.where,
+                        self.last_error,
+                        len(pending),
+                    )
                 self._failing = True
                 return
             finally:
@@ -370,8 +407,14 @@ class LedgerWriter:
                     # the call path, once the entry is safely written.
                     shadow_log.info(
                         "shadow: %s would have been rejected by %s on %s/%s (retry after "
-                        "%.3fs, request %s)", entry.cn or entry.identity, entry.policy,
-                        entry.application, entry.service, entry.retry_after, entry.request_id)
+                        "%.3fs, request %s)",
+                        entry.cn or entry.identity,
+                        entry.policy,
+                        entry.application,
+                        entry.service,
+                        entry.retry_after,
+                        entry.request_id,
+                    )
 
     async def _run(self) -> None:
         while not self._stop.is_set():
@@ -404,10 +447,16 @@ def ledger_sink(settings: Settings) -> LedgerSink:
     store = dataclasses.replace(settings.store, timeout=2.0, connect_timeout=1.0, pool_size=4)
     owner = limiter_from_url(store)
     if not isinstance(owner.primary, RedisLimiter):
-        raise ConfigError([f"{settings.source}:1: store: {owner.label} has no Redis client "
-                           "for the ledger stream"])
-    return StreamSink(owner.primary.client, f"{settings.store.key_prefix}:ledger",
-                      settings.ledger.max_entries, owner.label, owner.close)
+        raise ConfigError(
+            [f"{settings.source}:1: store: {owner.label} has no Redis client for the ledger stream"]
+        )
+    return StreamSink(
+        owner.primary.client,
+        f"{settings.store.key_prefix}:ledger",
+        settings.ledger.max_entries,
+        owner.label,
+        owner.close,
+    )
 
 
 def parse_since(text: str, now: float | None = None) -> float:
@@ -420,8 +469,9 @@ def parse_since(text: str, now: float | None = None) -> float:
     try:
         moment = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"{text!r} is neither a duration (1h, 30m) nor an ISO 8601 time "
-                         "(2026-05-01T12:00:00Z)") from None
+        raise ValueError(
+            f"{text!r} is neither a duration (1h, 30m) nor an ISO 8601 time (2026-05-01T12:00:00Z)"
+        ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.UTC)
     return moment.timestamp()
@@ -436,21 +486,41 @@ async def query_ledger(settings: Settings, query: Query) -> list[LedgerEntry]:
         await sink.close()
 
 
-COLUMNS = ("time", "decision", "cn", "application", "service", "policy", "retry_after",
-           "request_id")
+COLUMNS = (
+    "time",
+    "decision",
+    "cn",
+    "application",
+    "service",
+    "policy",
+    "retry_after",
+    "request_id",
+)
 
 
-def print_ledger(config: Path, *, identity: str | None = None, since: str | None = None,
-                 until: str | None = None, limit: int | None = None, as_json: bool = False,
-                 out: TextIO | None = None, err: TextIO | None = None) -> int:
+def print_ledger(
+    config: Path,
+    *,
+    identity: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    limit: int | None = None,
+    as_json: bool = False,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
     """`aup-gateway ledger`: the entries the configured gateway wrote; the exit status."""
     from gateway.settings import load_settings
 
     out, err = out or sys.stdout, err or sys.stderr
     settings = load_settings(config)
     try:
-        query = Query(identity, parse_since(since) if since else None,
-                      parse_since(until) if until else None, limit)
+        query = Query(
+            identity,
+            parse_since(since) if since else None,
+            parse_since(until) if until else None,
+            limit,
+        )
     except ValueError as exc:
         print(f"ledger: {exc}", file=err)
         return 2
@@ -474,14 +544,25 @@ def ledger_sink_label(settings: Settings) -> str:
 
 
 def print_table(entries: Iterable[LedgerEntry], out: TextIO) -> None:
-    rows = [COLUMNS] + [(
-        dt.datetime.fromtimestamp(e.time, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z",
-        e.decision, e.cn or e.identity, e.application, e.service, e.policy,
-        f"{e.retry_after:.3f}", e.request_id) for e in entries]
+    rows = [COLUMNS] + [
+        (
+            dt.datetime.fromtimestamp(e.time, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z",
+            e.decision,
+            e.cn or e.identity,
+            e.application,
+            e.service,
+            e.policy,
+            f"{e.retry_after:.3f}",
+            e.request_id,
+        )
+        for e in entries
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-              .rstrip(), file=out)
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(),
+            file=out,
+        )
 
 
 def print_json(entries: Iterable[LedgerEntry], out: TextIO) -> None:

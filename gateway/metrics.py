@@ -28,10 +28,40 @@ MAX_SERIES = 5_000  # per metric; new label sets past this go to service="_other
 OTHER = "_other"
 VIOLATIONS = frozenset({"rejected", "shadow"})
 # A limiter decision is tens of microseconds in memory and a few hundred over loopback Redis.
-STORE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                 0.1, 0.25, 0.5, 1.0)
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                   5.0, 10.0, 30.0, 60.0)
+STORE_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 
 
 @dataclass(frozen=True)
@@ -52,34 +82,63 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "aup_requests", "Finished calls by application, service and decision "
+            "aup_requests",
+            "Finished calls by application, service and decision "
             "(forwarded, allowed, rejected, shadow, exempt, refused).",
-            ["application", "service", "decision"], registry=r)
+            ["application", "service", "decision"],
+            registry=r,
+        )
         self.violations = Counter(
-            "aup_violations", "Calls over a policy's limit: rejected (enforced) or shadow "
-            "(recorded, let through).", ["policy", "application", "decision"], registry=r)
+            "aup_violations",
+            "Calls over a policy's limit: rejected (enforced) or shadow (recorded, let through).",
+            ["policy", "application", "decision"],
+            registry=r,
+        )
         self.duration = Histogram(
-            "aup_request_duration_seconds", "Time from request to response, by decision.",
-            ["decision"], buckets=LATENCY_BUCKETS, registry=r)
+            "aup_request_duration_seconds",
+            "Time from request to response, by decision.",
+            ["decision"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.store_latency = Histogram(
-            "aup_store_latency_seconds", "Time one limiter decision took (store round trip, or "
-            "the local fallback).", buckets=STORE_BUCKETS, registry=r)
+            "aup_store_latency_seconds",
+            "Time one limiter decision took (store round trip, or the local fallback).",
+            buckets=STORE_BUCKETS,
+            registry=r,
+        )
         self.upstream_responses = Counter(
-            "aup_upstream_responses", "Upstream answers by application and HTTP status "
+            "aup_upstream_responses",
+            "Upstream answers by application and HTTP status "
             "('error' when the upstream could not be reached or timed out).",
-            ["application", "status"], registry=r)
+            ["application", "status"],
+            registry=r,
+        )
         self.upstream_latency = Histogram(
-            "aup_upstream_latency_seconds", "Time spent forwarding a call and relaying its "
-            "answer, by application.", ["application"], buckets=LATENCY_BUCKETS, registry=r)
+            "aup_upstream_latency_seconds",
+            "Time spent forwarding a call and relaying its answer, by application.",
+            ["application"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.reloads = Counter(
-            "aup_policy_reloads", "Policy reload attempts by result (ok, failed).", ["result"],
-            registry=r)
+            "aup_policy_reloads",
+            "Policy reload attempts by result (ok, failed).",
+            ["result"],
+            registry=r,
+        )
         self.tls_refused = Counter(
-            "aup_tls_handshakes_refused", "TLS handshakes the listener refused, by reason.",
-            ["reason"], registry=r)
+            "aup_tls_handshakes_refused",
+            "TLS handshakes the listener refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.support_actions = Counter(
-            "aup_support_actions", "Admin support actions (e.g. clearing a key).", ["action"],
-            registry=r)
+            "aup_support_actions",
+            "Admin support actions (e.g. clearing a key).",
+            ["action"],
+            registry=r,
+        )
         self._requests: dict[tuple[str, str, str], Any] = {}
         self._violations: dict[tuple[str, str, str], Any] = {}
         self._durations: dict[str, Any] = {}
@@ -109,19 +168,25 @@ class GatewayMetrics:
                 violation = self._violations[vkey] = self.violations.labels(*vkey)
             violation.inc()
         status = outcome.upstream_status
-        if status or (outcome.application and outcome.status in (502, 504)
-                      and decision != "refused" and decision != "rejected"):
+        if status or (
+            outcome.application
+            and outcome.status in (502, 504)
+            and decision != "refused"
+            and decision != "rejected"
+        ):
             ukey = (outcome.application, status)
             upstream = self._upstream.get(ukey)
             if upstream is None:
                 upstream = self._upstream[ukey] = self.upstream_responses.labels(
-                    outcome.application, str(status) if status else "error")
+                    outcome.application, str(status) if status else "error"
+                )
             upstream.inc()
             if outcome.upstream_latency:
                 latency = self._upstream_latency.get(outcome.application)
                 if latency is None:
                     latency = self._upstream_latency[outcome.application] = (
-                        self.upstream_latency.labels(outcome.application))
+                        self.upstream_latency.labels(outcome.application)
+                    )
                 latency.observe(outcome.upstream_latency)
 
     def reload_result(self, ok: bool) -> None:
@@ -162,8 +227,9 @@ class StateCollector(Collector):
         yield from self._store()
         yield from self._policies()
         yield from self._ledger()
-        draining = GaugeMetricFamily("aup_draining", "1 while the gateway finishes in-flight "
-                                     "calls before it exits.")
+        draining = GaugeMetricFamily(
+            "aup_draining", "1 while the gateway finishes in-flight calls before it exits."
+        )
         draining.add_metric([], 1.0 if self._sources.draining() else 0.0)
         yield draining
 
@@ -172,36 +238,52 @@ class StateCollector(Collector):
         if status is None:
             return
         fallback = GaugeMetricFamily(
-            "aup_store_fallback", "1 while the shared store is unreachable and decisions follow "
-            "on_store_error.", labels=["store", "mode"])
-        fallback.add_metric([str(status.get("store", "")), str(status.get("mode", ""))],
-                            1.0 if status.get("state") == "fallback" else 0.0)
+            "aup_store_fallback",
+            "1 while the shared store is unreachable and decisions follow on_store_error.",
+            labels=["store", "mode"],
+        )
+        fallback.add_metric(
+            [str(status.get("store", "")), str(status.get("mode", ""))],
+            1.0 if status.get("state") == "fallback" else 0.0,
+        )
         yield fallback
-        errors = CounterMetricFamily("aup_store_errors", "Store calls that failed (refused, "
-                                     "timed out, reset).", labels=["store"])
+        errors = CounterMetricFamily(
+            "aup_store_errors",
+            "Store calls that failed (refused, timed out, reset).",
+            labels=["store"],
+        )
         errors.add_metric([str(status.get("store", ""))], float(status.get("errors", 0) or 0))
         yield errors
-        degraded = CounterMetricFamily("aup_store_fallback_decisions", "Decisions made without "
-                                       "the store (local, allow or deny).", labels=["store"])
-        degraded.add_metric([str(status.get("store", ""))],
-                            float(status.get("fallback_decisions", 0) or 0))
+        degraded = CounterMetricFamily(
+            "aup_store_fallback_decisions",
+            "Decisions made without the store (local, allow or deny).",
+            labels=["store"],
+        )
+        degraded.add_metric(
+            [str(status.get("store", ""))], float(status.get("fallback_decisions", 0) or 0)
+        )
         yield degraded
 
     def _policies(self) -> Iterator[Metric]:
         view = self._sources.policies()
-        info = GaugeMetricFamily("aup_policy_set_info", "The loaded policy set (value 1).",
-                                 labels=["version"])
+        info = GaugeMetricFamily(
+            "aup_policy_set_info", "The loaded policy set (value 1).", labels=["version"]
+        )
         info.add_metric([str(view.get("version", ""))], 1.0)
         yield info
         loaded = GaugeMetricFamily("aup_policies_loaded", "Policies in the loaded set.")
         loaded.add_metric([], float(view.get("count", 0)))
         yield loaded
-        last_ok = GaugeMetricFamily("aup_policy_last_reload_ok", "1 if the last reload attempt "
-                                    "succeeded, 0 if it failed (the previous set still runs).")
+        last_ok = GaugeMetricFamily(
+            "aup_policy_last_reload_ok",
+            "1 if the last reload attempt succeeded, 0 if it failed (the previous set still runs).",
+        )
         last_ok.add_metric([], 1.0 if view.get("last_ok", True) else 0.0)
         yield last_ok
-        last_at = GaugeMetricFamily("aup_policy_last_reload_timestamp_seconds",
-                                    "When the last reload was attempted (epoch seconds).")
+        last_at = GaugeMetricFamily(
+            "aup_policy_last_reload_timestamp_seconds",
+            "When the last reload was attempted (epoch seconds).",
+        )
         last_at.add_metric([], float(view.get("last_at", 0.0)))
         yield last_at
 
@@ -209,14 +291,17 @@ class StateCollector(Collector):
         status = self._sources.ledger()
         if status is None:
             return
-        entries = CounterMetricFamily("aup_ledger_entries", "Violation ledger entries by result "
-                                      "(written, dropped when the queue overflowed).",
-                                      labels=["result"])
+        entries = CounterMetricFamily(
+            "aup_ledger_entries",
+            "Violation ledger entries by result (written, dropped when the queue overflowed).",
+            labels=["result"],
+        )
         entries.add_metric(["written"], float(status.get("written", 0)))
         entries.add_metric(["dropped"], float(status.get("dropped", 0)))
         yield entries
-        errors = CounterMetricFamily("aup_ledger_write_errors", "Ledger flushes that failed "
-                                     "(kept queued and retried).")
+        errors = CounterMetricFamily(
+            "aup_ledger_write_errors", "Ledger flushes that failed (kept queued and retried)."
+        )
         errors.add_metric([], float(status.get("errors", 0)))
         yield errors
         pending = GaugeMetricFamily("aup_ledger_pending", "Entries queued, not yet written.")

@@ -121,8 +121,12 @@ def load_policies(settings: Settings) -> PolicySet:
             if policy is None:
                 continue
             if policy.name in seen:
-                problems.add(str(path), node, "name", f"duplicate policy name {policy.name!r} "
-                             f"(first in {seen[policy.name]})")
+                problems.add(
+                    str(path),
+                    node,
+                    "name",
+                    f"duplicate policy name {policy.name!r} (first in {seen[policy.name]})",
+                )
                 continue
             seen[policy.name] = policy.source
             policies.append(policy)
@@ -147,8 +151,11 @@ def _read_policy(f: Fields, settings: Settings) -> Policy | None:
     application = f.value("application", str, "")
     app = settings.application(application) if application else None
     if application and app is None:
-        f.error("application", f"{application!r} is not configured in {settings.source.name} "
-                f"(known: {', '.join(settings.applications) or 'none'})")
+        f.error(
+            "application",
+            f"{application!r} is not configured in {settings.source.name} "
+            f"(known: {', '.join(settings.applications) or 'none'})",
+        )
     services = f.strings("services", ("*",))
     if not services:
         f.error("services", "must list at least one service pattern")
@@ -179,9 +186,11 @@ def _read_policy(f: Fields, settings: Settings) -> Policy | None:
 def _check_template(text: str) -> str | None:
     unknown = unknown_message_fields(text)
     if unknown:
-        return (f"bad message template: unknown field(s) "
-                f"{', '.join('{' + name + '}' for name in unknown)}; "
-                f"use {{retry_after}}, {{service}}, {{per}}")
+        return (
+            f"bad message template: unknown field(s) "
+            f"{', '.join('{' + name + '}' for name in unknown)}; "
+            f"use {{retry_after}}, {{service}}, {{per}}"
+        )
     return None
 
 
@@ -198,8 +207,9 @@ def _read_overrides(f: Fields, rate: Rate) -> dict[str, Override]:
             o.error("identity", str(exc))
         exempt = o.value("exempt", bool, False)
         has_rate = o.has("limit") or o.has("per")
-        limit = o.value("limit", int, rate.limit,
-                        lambda v: None if v >= 1 else f"must be at least 1, got {v}")
+        limit = o.value(
+            "limit", int, rate.limit, lambda v: None if v >= 1 else f"must be at least 1, got {v}"
+        )
         per = o.converted("per", parse_duration, rate.per)
         if exempt and has_rate:
             o.error("exempt", "an exempt identity has no limit or per")

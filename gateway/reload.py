@@ -104,7 +104,8 @@ class PolicyReloader:
         current = self.gateway.policies
         self._seen = policy_digest(self.gateway.settings)
         self.last = self.last_ok = ReloadResult(
-            0, True, "start", time.time(), current.version, "", _names(current))
+            0, True, "start", time.time(), current.version, "", _names(current)
+        )
 
     async def reload(self, reason: Reason = "admin") -> ReloadResult:
         """Load and validate the folder now; swap the set only if it has no problem."""
@@ -116,25 +117,49 @@ class PolicyReloader:
             seq = self.last.seq + 1
             if isinstance(loaded, PolicySet):
                 self.gateway.policies = loaded  # the swap: one assignment, read once per call
-                result = ReloadResult(seq, True, reason, time.time(), loaded.version,
-                                      previous.version, _names(loaded),
-                                      duration=time.perf_counter() - started)
+                result = ReloadResult(
+                    seq,
+                    True,
+                    reason,
+                    time.time(),
+                    loaded.version,
+                    previous.version,
+                    _names(loaded),
+                    duration=time.perf_counter() - started,
+                )
                 self.last = self.last_ok = result
                 if result.changed:
-                    log.info("policies reloaded (%s): version %s -> %s, %d policies from %d "
-                             "files", reason, previous.version, loaded.version,
-                             len(loaded.policies), len(loaded.files))
+                    log.info(
+                        "policies reloaded (%s): version %s -> %s, %d policies from %d files",
+                        reason,
+                        previous.version,
+                        loaded.version,
+                        len(loaded.policies),
+                        len(loaded.files),
+                    )
                 else:
-                    log.info("policies reloaded (%s): unchanged, version %s", reason,
-                             loaded.version)
+                    log.info(
+                        "policies reloaded (%s): unchanged, version %s", reason, loaded.version
+                    )
             else:
-                result = ReloadResult(seq, False, reason, time.time(), previous.version,
-                                      previous.version, _names(previous),
-                                      tuple(loaded.problems),
-                                      duration=time.perf_counter() - started)
+                result = ReloadResult(
+                    seq,
+                    False,
+                    reason,
+                    time.time(),
+                    previous.version,
+                    previous.version,
+                    _names(previous),
+                    tuple(loaded.problems),
+                    duration=time.perf_counter() - started,
+                )
                 self.last = result
-                log.error("policy reload failed (%s): %d problem(s); keeping version %s",
-                          reason, len(loaded.problems), previous.version)
+                log.error(
+                    "policy reload failed (%s): %d problem(s); keeping version %s",
+                    reason,
+                    len(loaded.problems),
+                    previous.version,
+                )
                 for problem in loaded.problems:
                     log.error("policy reload failed: %s", problem)
         if self.on_result is not None:
@@ -168,8 +193,9 @@ class PolicyReloader:
             except asyncio.CancelledError:
                 raise
             except Exception:  # the watcher must outlive any one bad look at the folder
-                log.exception("policy watcher: looking at %s failed",
-                              self.gateway.settings.policies)
+                log.exception(
+                    "policy watcher: looking at %s failed", self.gateway.settings.policies
+                )
 
 
 def _load(settings: Settings) -> tuple[str, PolicySet | ConfigError]:

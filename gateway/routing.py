@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from urllib.parse import unquote_to_bytes
 
+from gateway.errors import ErrorCode
 from gateway.settings import Application, Route, Settings
 from gateway.xmlsafe import BodySniffer, MalformedXml, UnsafeXml
 
@@ -31,8 +32,9 @@ _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
 # Printable ASCII but '#': llhttp already refuses spaces, controls and non-ASCII in a target.
 _SAFE_QUERY = re.compile(r"^[\x21\x22\x24-\x7e]*$")
 # Encoded '/', '\\', '.', controls and DEL, double encoding (%25xx), malformed escapes.
-_BAD_ESCAPES = re.compile(r"%(2f|5c|2e|[01][0-9a-f]|7f|25[0-9a-f]{2})|%(?![0-9a-f]{2})",
-                          re.IGNORECASE)
+_BAD_ESCAPES = re.compile(
+    r"%(2f|5c|2e|[01][0-9a-f]|7f|25[0-9a-f]{2})|%(?![0-9a-f]{2})", re.IGNORECASE
+)
 _SERVICE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 _PARAM = re.compile(r"\{[^/{}]+\}")
 
@@ -50,7 +52,7 @@ class Target:
 @dataclass(frozen=True, slots=True)
 class NoRoute:
     status: int  # 400 malformed, 404 unknown application or service
-    code: str
+    code: ErrorCode
     message: str
     application: Application | None = None
 
@@ -67,42 +69,56 @@ class Router:
                 self._rest.append((app.prefix, app, table))
         self._rest.sort(key=lambda entry: -len(entry[0]))  # longest prefix wins
 
-    def route(self, method: str, raw_path: str, query: str, soap_action: str | None,
-              content_type: str) -> Target | NoRoute:
+    def route(
+        self, method: str, raw_path: str, query: str, soap_action: str | None, content_type: str
+    ) -> Target | NoRoute:
         """`raw_path` without the query, `query` as received (still percent-encoded)."""
         if method not in METHODS:
-            return NoRoute(405, "BAD-METHOD", f"The method {method[:20]} is not accepted here.")
+            return NoRoute(
+                405, ErrorCode.BAD_METHOD, f"The method {method[:20]} is not accepted here."
+            )
         problem = check_path(raw_path) or check_query(query)
         if problem:
-            return NoRoute(400, "BAD-PATH", problem)
+            return NoRoute(400, ErrorCode.BAD_PATH, problem)
         suffix = f"?{query}" if query else ""
         if raw_path[:5].lower() == "/sst/":
             return self._soap(raw_path, suffix, soap_action, content_type)
         for prefix, app, table in self._rest:
             if raw_path == prefix or raw_path.startswith(prefix + "/"):
-                rest = raw_path[len(prefix):] or "/"
+                rest = raw_path[len(prefix) :] or "/"
                 for route_method, pattern, service in table:
                     if route_method == method and pattern.match(rest):
                         return Target(app, service, rest + suffix)
-                return NoRoute(404, "UNKNOWN-SERVICE",
-                               f"No service of {app.name} answers {method} {rest}.", app)
-        return NoRoute(404, "UNKNOWN-APPLICATION", "No application is served at this path.")
+                return NoRoute(
+                    404,
+                    ErrorCode.UNKNOWN_SERVICE,
+                    f"No service of {app.name} answers {method} {rest}.",
+                    app,
+                )
+        return NoRoute(404, ErrorCode.UNKNOWN_APPLICATION, "No application is served at this path.")
 
-    def _soap(self, raw_path: str, suffix: str, soap_action: str | None,
-              content_type: str) -> Target | NoRoute:
+    def _soap(
+        self, raw_path: str, suffix: str, soap_action: str | None, content_type: str
+    ) -> Target | NoRoute:
         parts = raw_path.split("/")  # ['', 'sst', app, service?, ...]
         app = self._settings.application(parts[2]) if len(parts) > 2 else None
         if app is None or app.protocol != "soap":
             name = parts[2] if len(parts) > 2 else ""
-            return NoRoute(404, "UNKNOWN-APPLICATION", f"Application {name!r} is not served here.")
+            return NoRoute(
+                404, ErrorCode.UNKNOWN_APPLICATION, f"Application {name!r} is not served here."
+            )
         service = parts[3] if len(parts) > 3 else ""
         if not service:
             service = service_from_action(soap_action, content_type)
             if not service and len(parts) <= 4:
                 return Target(app, "", raw_path + suffix, from_body=True)
         if not _SERVICE.match(service) or len(parts) > 4:
-            return NoRoute(404, "UNKNOWN-SERVICE",
-                           "The service could not be determined from the path or SOAPAction.", app)
+            return NoRoute(
+                404,
+                ErrorCode.UNKNOWN_SERVICE,
+                "The service could not be determined from the path or SOAPAction.",
+                app,
+            )
         return Target(app, service, raw_path + suffix)
 
 
@@ -134,8 +150,9 @@ def check_query(query: str) -> str | None:
     return None
 
 
-async def route_by_body(target: Target, content_type: str, read: BodyReader,
-                        limit: int = SNIFF_LIMIT) -> tuple[Target | NoRoute, bytes]:
+async def route_by_body(
+    target: Target, content_type: str, read: BodyReader, limit: int = SNIFF_LIMIT
+) -> tuple[Target | NoRoute, bytes]:
     """The service named by the first element of the SOAP Body, and the bytes read to find it.
 
     Reads at most `limit` bytes through `read(n)` (a StreamReader's read: up to n bytes, b"" at
@@ -160,18 +177,30 @@ async def route_by_body(target: Target, content_type: str, read: BodyReader,
             seen += len(data)
             service = sniffer.feed(data)
     except UnsafeXml:
-        return NoRoute(400, "UNSAFE-XML", "The SOAP message declares a document type or "
-                       "entities; they are not allowed and were not processed.", app), b""
+        return NoRoute(
+            400,
+            ErrorCode.UNSAFE_XML,
+            "The SOAP message declares a document type or "
+            "entities; they are not allowed and were not processed.",
+            app,
+        ), b""
     except MalformedXml as exc:
-        return NoRoute(400, "BAD-XML", f"The SOAP message is not well-formed: {exc}", app), b""
+        return NoRoute(
+            400, ErrorCode.BAD_XML, f"The SOAP message is not well-formed: {exc}", app
+        ), b""
     if not service or not _SERVICE.match(service):
         return _no_service(app), b""
     return replace(target, service=service, from_body=False), b"".join(chunks)
 
 
 def _no_service(app: Application) -> NoRoute:
-    return NoRoute(404, "UNKNOWN-SERVICE", "The service could not be determined from the path, "
-                   f"the SOAPAction or the first {SNIFF_LIMIT // 1024} KiB of the SOAP Body.", app)
+    return NoRoute(
+        404,
+        ErrorCode.UNKNOWN_SERVICE,
+        "The service could not be determined from the path, "
+        f"the SOAPAction or the first {SNIFF_LIMIT // 1024} KiB of the SOAP Body.",
+        app,
+    )
 
 
 def service_from_action(soap_action: str | None, content_type: str) -> str:
@@ -192,7 +221,7 @@ def _template_regex(route: Route) -> re.Pattern[str]:
     pattern = ""
     last = 0
     for m in _PARAM.finditer(route.template):
-        pattern += re.escape(route.template[last:m.start()]) + r"[^/]+"
+        pattern += re.escape(route.template[last : m.start()]) + r"[^/]+"
         last = m.end()
     pattern += re.escape(route.template[last:])
     return re.compile(f"^{pattern}/?$")

@@ -99,9 +99,14 @@ def make_limiter(settings: Settings) -> Limiter:
     return limiter_from_url(settings.store, settings.on_store_error, time.time)
 
 
-async def start(settings: Settings, *, limiter: Limiter | None = None,
-                reuse_port: bool = False, worker: int = 0,
-                reload_interval: float = 1.0) -> Running:
+async def start(
+    settings: Settings,
+    *,
+    limiter: Limiter | None = None,
+    reuse_port: bool = False,
+    worker: int = 0,
+    reload_interval: float = 1.0,
+) -> Running:
     """Bind the listeners; ports 0 in settings pick free ports (see Running.port)."""
     gateway = Gateway(settings, limiter if limiter is not None else make_limiter(settings))
     await gateway.start()
@@ -110,15 +115,18 @@ async def start(settings: Settings, *, limiter: Limiter | None = None,
         await warm_up()
     metrics = GatewayMetrics()
     ledger = LedgerWriter(ledger_sink(settings), settings.identity)
-    reloader = PolicyReloader(gateway, reload_interval,
-                              on_result=lambda result: metrics.reload_result(result.ok))
+    reloader = PolicyReloader(
+        gateway, reload_interval, on_result=lambda result: metrics.reload_result(result.ok)
+    )
     ops = AdminState(gateway, metrics, reloader, ledger, worker)
-    metrics.add_state(StateSources(
-        store=ops.store_status,
-        policies=lambda: _policy_state(ops),
-        ledger=ledger.status,
-        draining=lambda: ops.draining,
-    ))
+    metrics.add_state(
+        StateSources(
+            store=ops.store_status,
+            policies=lambda: _policy_state(ops),
+            ledger=ledger.status,
+            draining=lambda: ops.draining,
+        )
+    )
     # Observers run after every call, in order: access log (if on), metrics, ledger queue.
     gateway.observers.extend([metrics.observe, ledger.observe])
     limits = settings.limits
@@ -133,18 +141,23 @@ async def start(settings: Settings, *, limiter: Limiter | None = None,
         max_field_size=limits.max_header_size,
         max_headers=limits.max_headers,
     )
-    runner = web.ServerRunner(server, handle_signals=False,
-                              shutdown_timeout=settings.drain_timeout)
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=settings.drain_timeout)
     await runner.setup()
     tls = ReloadingContext(settings.tls)  # new handshakes pick up rotated files
-    site = TlsSite(runner, settings.listen.host, settings.listen.port, tls.context,
-                   handshake_timeout=limits.read_timeout, backlog=1024, reuse_port=reuse_port,
-                   on_refused=lambda refusal: metrics.handshake_refused(refusal.reason))
+    site = TlsSite(
+        runner,
+        settings.listen.host,
+        settings.listen.port,
+        tls.context,
+        handshake_timeout=limits.read_timeout,
+        backlog=1024,
+        reuse_port=reuse_port,
+        on_refused=lambda refusal: metrics.handshake_refused(refusal.reason),
+    )
     await site.start()
     running = Running(gateway, _bound_port(runner), None, ops, tls, [runner])
     if settings.admin is not None:
-        admin_runner = web.AppRunner(create_admin_app(ops), access_log=None,
-                                     handle_signals=False)
+        admin_runner = web.AppRunner(create_admin_app(ops), access_log=None, handle_signals=False)
         await admin_runner.setup()
         # One admin listener per worker (each has its own metrics): worker i on port + i.
         admin_port = settings.admin.port + worker if settings.admin.port else 0
@@ -153,20 +166,33 @@ async def start(settings: Settings, *, limiter: Limiter | None = None,
         running.admin_port = _bound_port(admin_runner)
     ledger.start()
     reloader.start()
-    log.info("gateway listening on https://%s:%d (store %s, %d applications, %d policies)",
-             settings.listen.host, running.port, gateway.limiter.name,
-             len(settings.applications), len(gateway.policies.policies))
+    log.info(
+        "gateway listening on https://%s:%d (store %s, %d applications, %d policies)",
+        settings.listen.host,
+        running.port,
+        gateway.limiter.name,
+        len(settings.applications),
+        len(gateway.policies.policies),
+    )
     return running
 
 
 def _policy_state(ops: AdminState) -> dict[str, object]:
     last = ops.reloader.last
-    return {"version": ops.gateway.policies.version, "count": len(ops.gateway.policies.policies),
-            "last_ok": last.ok, "last_at": last.at}
+    return {
+        "version": ops.gateway.policies.version,
+        "count": len(ops.gateway.policies.policies),
+        "last_ok": last.ok,
+        "last_at": last.at,
+    }
 
 
-async def serve(settings: Settings, reuse_port: bool = False, worker: int = 0,
-                on_started: Callable[[], None] | None = None) -> None:
+async def serve(
+    settings: Settings,
+    reuse_port: bool = False,
+    worker: int = 0,
+    on_started: Callable[[], None] | None = None,
+) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads."""
     running = await start(settings, reuse_port=reuse_port, worker=worker)
     if on_started is not None:
@@ -185,15 +211,21 @@ async def serve(settings: Settings, reuse_port: bool = False, worker: int = 0,
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
     loop.remove_signal_handler(signal.SIGHUP)
-    log.info("stopping: closed the listener, finishing in-flight calls (at most %gs)",
-             settings.drain_timeout)
+    log.info(
+        "stopping: closed the listener, finishing in-flight calls (at most %gs)",
+        settings.drain_timeout,
+    )
     started = time.monotonic()
     await running.stop()
     log.info("stopped after %.2fs", time.monotonic() - started)
 
 
-def run(settings: Settings, reuse_port: bool = False, worker: int = 0,
-        on_started: Callable[[], None] | None = None) -> None:
+def run(
+    settings: Settings,
+    reuse_port: bool = False,
+    worker: int = 0,
+    on_started: Callable[[], None] | None = None,
+) -> None:
     """The blocking entry point behind `aup-gateway serve`: uvloop when it is installed."""
     try:
         import uvloop
@@ -219,10 +251,12 @@ def run_workers(settings: Settings, workers: int) -> int:
         run(settings)
         return 0
     if settings.store.url.startswith("memory:"):
-        raise ConfigError([
-            f"{settings.source}:1: store: --workers {workers} needs a shared store (redis://...);"
-            " the memory store keeps its counters per process"
-        ])
+        raise ConfigError(
+            [
+                f"{settings.source}:1: store: --workers {workers} needs a shared store (redis://...);"
+                " the memory store keeps its counters per process"
+            ]
+        )
     return _Supervisor(settings, workers).run()
 
 
@@ -248,8 +282,12 @@ class _Supervisor:
         signal.signal(signal.SIGHUP, self._forward)
         for index in range(self._count):
             self._spawn(index)
-        log.info("supervisor %d: %d workers on port %d", os.getpid(), self._count,
-                 self._settings.listen.port)
+        log.info(
+            "supervisor %d: %d workers on port %d",
+            os.getpid(),
+            self._count,
+            self._settings.listen.port,
+        )
         while self._processes:
             sentinels = {p.sentinel: i for i, p in self._processes.items()}
             for ready in wait(list(sentinels), timeout=1.0):
@@ -259,8 +297,12 @@ class _Supervisor:
 
     def _spawn(self, index: int) -> None:
         serving = self._context.Event()
-        process = self._context.Process(target=_worker, args=(self._settings, index, serving),
-                                        name=f"aup-gateway-worker-{index}", daemon=False)
+        process = self._context.Process(
+            target=_worker,
+            args=(self._settings, index, serving),
+            name=f"aup-gateway-worker-{index}",
+            daemon=False,
+        )
         process.start()
         self._processes[index] = process
         self._serving[index] = serving
@@ -271,9 +313,12 @@ class _Supervisor:
         if self._stopping:
             return
         if not self._serving[index].is_set() or process.exitcode == 0:
-            log.error("worker %d exited with %s %s: stopping all workers", index,
-                      process.exitcode, "before it was serving"
-                      if not self._serving[index].is_set() else "on its own")
+            log.error(
+                "worker %d exited with %s %s: stopping all workers",
+                index,
+                process.exitcode,
+                "before it was serving" if not self._serving[index].is_set() else "on its own",
+            )
             self._failed = process.exitcode != 0
             self._stop(signal.SIGTERM, None)
             return
@@ -294,6 +339,8 @@ class _Supervisor:
 
 
 def _worker(settings: Settings, index: int, serving: EventType) -> None:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
     run(settings, reuse_port=True, worker=index, on_started=serving.set)

@@ -192,14 +192,19 @@ def _read_settings(top: Fields, source: Path) -> Settings | None:
     if top.has("admin") and top.raw("admin") is not None and top.sub("admin") is None:
         admin = None  # `admin: null` turns the listener off
     elif (sub := top.sub("admin")) is not None:
-        admin = AdminSettings(sub.value("host", str, "127.0.0.1"),
-                              sub.value("port", int, 9901, _port), sub.value("token", str, None))
+        admin = AdminSettings(
+            sub.value("host", str, "127.0.0.1"),
+            sub.value("port", int, 9901, _port),
+            sub.value("token", str, None),
+        )
         sub.done()
 
     ledger = LedgerSettings()
     if (sub := top.sub("ledger")) is not None:
-        ledger = LedgerSettings(path_of(sub, "path", required=False),
-                                sub.value("max_entries", int, 1_000_000, _positive))
+        ledger = LedgerSettings(
+            path_of(sub, "path", required=False),
+            sub.value("max_entries", int, 1_000_000, _positive),
+        )
         sub.done()
 
     limits = Limits()
@@ -213,7 +218,8 @@ def _read_settings(top: Fields, source: Path) -> Settings | None:
             read_timeout=sub.converted("read_timeout", parse_duration, d.read_timeout),
             idle_timeout=sub.converted("idle_timeout", parse_duration, d.idle_timeout),
             max_connections_per_identity=sub.value(
-                "max_connections_per_identity", int, d.max_connections_per_identity, _positive),
+                "max_connections_per_identity", int, d.max_connections_per_identity, _positive
+            ),
         )
         sub.done()
 
@@ -229,8 +235,9 @@ def _read_settings(top: Fields, source: Path) -> Settings | None:
             if any(name.lower() == other.lower() for other in applications):
                 apps.error(name, "duplicate application (names are case-insensitive)")
             assert node is not None
-            app = _read_application(Fields(node, apps.file, apps.problems, f"applications.{name}"),
-                                    name)
+            app = _read_application(
+                Fields(node, apps.file, apps.problems, f"applications.{name}"), name
+            )
             if app is not None:
                 applications[name] = app
         apps.done()
@@ -273,17 +280,20 @@ def _read_store(top: Fields) -> StoreSettings:
             timeout=fields.converted("timeout", parse_duration, d.timeout),
             connect_timeout=fields.converted("connect_timeout", parse_duration, d.connect_timeout),
             pool_size=fields.value("pool_size", int, d.pool_size, _positive),
-            breaker_cooldown=fields.converted("breaker_cooldown", parse_duration,
-                                              d.breaker_cooldown),
+            breaker_cooldown=fields.converted(
+                "breaker_cooldown", parse_duration, d.breaker_cooldown
+            ),
             key_prefix=fields.value("key_prefix", str, d.key_prefix),
         )
         fields.done()
     scheme = urlsplit(store.url or "").scheme
     if scheme not in STORE_SCHEMES:
         where = fields.error if fields else top.error
-        where("url" if fields else "store",
-              f"unsupported store URL {store.url!r} "
-              f"(use {', '.join(s + '://' for s in STORE_SCHEMES)})")
+        where(
+            "url" if fields else "store",
+            f"unsupported store URL {store.url!r} "
+            f"(use {', '.join(s + '://' for s in STORE_SCHEMES)})",
+        )
     return store
 
 
@@ -307,8 +317,9 @@ def _read_application(f: Fields, name: str) -> Application | None:
             service = route_fields.value(spec, str, "")
             match = _ROUTE.match(spec)
             if not match:
-                route_fields.error(spec, "a route is 'METHOD /path/{param}', "
-                                   "e.g. 'GET /auction/v1.0/portfolio'")
+                route_fields.error(
+                    spec, "a route is 'METHOD /path/{param}', e.g. 'GET /auction/v1.0/portfolio'"
+                )
                 continue
             routes.append(Route(match.group(1), match.group(2), service))
         route_fields.done()

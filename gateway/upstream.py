@@ -65,9 +65,26 @@ class UpstreamResponse:
     """
 
     __slots__ = (
-        "_buffered", "_chunks", "_conn", "_error", "_head_only", "_interim", "_keep_alive",
-        "_last_read", "_parser", "_reason", "_received", "_state", "_tainted", "_until_eof",
-        "_waiter", "_whole", "content_length", "headers", "reason", "status",
+        "_buffered",
+        "_chunks",
+        "_conn",
+        "_error",
+        "_head_only",
+        "_interim",
+        "_keep_alive",
+        "_last_read",
+        "_parser",
+        "_reason",
+        "_received",
+        "_state",
+        "_tainted",
+        "_until_eof",
+        "_waiter",
+        "_whole",
+        "content_length",
+        "headers",
+        "reason",
+        "status",
     )
 
     def __init__(self, conn: _Connection, head_only: bool) -> None:
@@ -354,9 +371,16 @@ class UpstreamPool:
     Make it inside the event loop that will use it; `close` it there.
     """
 
-    def __init__(self, url: str, *, size: int, connect_timeout: float, read_timeout: float,
-                 idle_timeout: float = IDLE_TIMEOUT,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        size: int,
+        connect_timeout: float,
+        read_timeout: float,
+        idle_timeout: float = IDLE_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -391,9 +415,15 @@ class UpstreamPool:
     def idle(self) -> int:
         return len(self._idle)
 
-    async def request(self, method: str, target: str, headers: Iterable[tuple[str, str]],
-                      body: bytes | AsyncIterable[bytes] | None = None, *,
-                      content_length: int | None = None) -> UpstreamResponse:
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes | AsyncIterable[bytes] | None = None,
+        *,
+        content_length: int | None = None,
+    ) -> UpstreamResponse:
         """Send one request; return once the answer's status and headers have arrived.
 
         `target` is the raw path and query (the pool's base path goes in front). `headers` must
@@ -429,10 +459,23 @@ class UpstreamPool:
 
     # --- the exchange ---------------------------------------------------------------------------
 
-    def _head(self, method: str, target: str, headers: Iterable[tuple[str, str]],
-              body: bytes | AsyncIterable[bytes] | None, content_length: int | None) -> bytes:
-        parts = [method, " ", self.base_path, target, " HTTP/1.1\r\nHost: ", self._host_header,
-                 "\r\n"]
+    def _head(
+        self,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes | AsyncIterable[bytes] | None,
+        content_length: int | None,
+    ) -> bytes:
+        parts = [
+            method,
+            " ",
+            self.base_path,
+            target,
+            " HTTP/1.1\r\nHost: ",
+            self._host_header,
+            "\r\n",
+        ]
         lines = 2  # the request line and Host
         for name, value in headers:
             parts += (name, ": ", value, "\r\n")
@@ -446,8 +489,11 @@ class UpstreamPool:
                 parts.append(f"Content-Length: {len(body)}\r\n")
                 lines += 1
         else:
-            parts.append(f"Content-Length: {content_length}\r\n" if content_length is not None
-                         else "Transfer-Encoding: chunked\r\n")
+            parts.append(
+                f"Content-Length: {content_length}\r\n"
+                if content_length is not None
+                else "Transfer-Encoding: chunked\r\n"
+            )
             lines += 1
         parts.append("\r\n")
         text = "".join(parts)
@@ -458,9 +504,14 @@ class UpstreamPool:
         # The inverse of how aiohttp's parser decoded the client's bytes: they go out unchanged.
         return text.encode("utf-8", "surrogateescape")
 
-    async def _exchange(self, conn: _Connection, method: str, head: bytes,
-                        body: bytes | AsyncIterable[bytes] | None,
-                        content_length: int | None) -> UpstreamResponse:
+    async def _exchange(
+        self,
+        conn: _Connection,
+        method: str,
+        head: bytes,
+        body: bytes | AsyncIterable[bytes] | None,
+        content_length: int | None,
+    ) -> UpstreamResponse:
         transport = conn.transport
         if transport is None or not conn.alive or transport.is_closing():
             self.forget(conn)
@@ -490,8 +541,14 @@ class UpstreamPool:
             exchange.close()
             raise
 
-    async def _send_stream(self, conn: _Connection, exchange: UpstreamResponse, head: bytes,
-                           body: AsyncIterable[bytes], content_length: int | None) -> None:
+    async def _send_stream(
+        self,
+        conn: _Connection,
+        exchange: UpstreamResponse,
+        head: bytes,
+        body: AsyncIterable[bytes],
+        content_length: int | None,
+    ) -> None:
         transport = cast(asyncio.Transport, conn.transport)
         chunked = content_length is None
         transport.write(head)
@@ -532,8 +589,9 @@ class UpstreamPool:
                         return conn
                 return await self._connect()
         except TimeoutError:
-            raise UpstreamTimeout(f"no connection to {self.host}:{self.port} within "
-                                  f"{self._connect_timeout:g} s") from None
+            raise UpstreamTimeout(
+                f"no connection to {self.host}:{self.port} within {self._connect_timeout:g} s"
+            ) from None
 
     async def _queue(self) -> None:
         if self._closed:
@@ -557,8 +615,12 @@ class UpstreamPool:
         conn = _Connection(self)
         try:
             await self.loop.create_connection(
-                lambda: conn, self.host, self.port, ssl=self._ssl,
-                server_hostname=self.host if self._ssl else None)
+                lambda: conn,
+                self.host,
+                self.port,
+                ssl=self._ssl,
+                server_hostname=self.host if self._ssl else None,
+            )
         except OSError as exc:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
             self.forget(conn)
             raise UpstreamFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
@@ -584,8 +646,9 @@ class UpstreamPool:
             conn.idle_since = self.loop.time()
             self._idle.append(conn)
             if self._idle_timer is None:
-                self._idle_timer = self.loop.call_at(conn.idle_since + self._idle_timeout,
-                                                     self._expire_idle)
+                self._idle_timer = self.loop.call_at(
+                    conn.idle_since + self._idle_timeout, self._expire_idle
+                )
             self._wake_one()
         else:
             conn.close()
@@ -607,8 +670,9 @@ class UpstreamPool:
         while idle and idle[0].idle_since <= expired:
             idle.pop(0).close()
         if idle:
-            self._idle_timer = self.loop.call_at(idle[0].idle_since + self._idle_timeout,
-                                                 self._expire_idle)
+            self._idle_timer = self.loop.call_at(
+                idle[0].idle_since + self._idle_timeout, self._expire_idle
+            )
 
     # --- the read timeout -----------------------------------------------------------------------
     # One timer per pool rather than one per request: every exchange's deadline is its last
@@ -619,8 +683,9 @@ class UpstreamPool:
             exchange._last_read = self.loop.time()
         self._active.add(exchange)
         if self._read_timer is None:
-            self._read_timer = self.loop.call_at(exchange._last_read + self._read_timeout,
-                                                 self._check_reads)
+            self._read_timer = self.loop.call_at(
+                exchange._last_read + self._read_timeout, self._check_reads
+            )
 
     def untrack(self, exchange: UpstreamResponse) -> None:
         self._active.discard(exchange)
@@ -638,8 +703,9 @@ class UpstreamPool:
             deadline = exchange._last_read + timeout
             if deadline <= now + _EARLY:
                 self._active.discard(exchange)
-                exchange._fail(UpstreamTimeout(f"no answer from {self.host}:{self.port} "
-                                               f"within {timeout:g} s"))
+                exchange._fail(
+                    UpstreamTimeout(f"no answer from {self.host}:{self.port} within {timeout:g} s")
+                )
                 conn.abandon(exchange)
             elif earliest is None or deadline < earliest:
                 earliest = deadline

@@ -85,8 +85,9 @@ class BodySniffer:
     """
 
     def __init__(self, content_type: str) -> None:
-        self._parser = DefusedXMLParser(target=_Envelope(), forbid_dtd=True,
-                                        forbid_entities=True, forbid_external=True)
+        self._parser = DefusedXMLParser(
+            target=_Envelope(), forbid_dtd=True, forbid_entities=True, forbid_external=True
+        )
         self._boundary: bytes | None = None
         media = content_type.partition(";")[0].strip().lower()
         if media == "multipart/related":
@@ -130,7 +131,7 @@ class BodySniffer:
             self._pending = buffered
             return b""
         self._pending = None
-        return buffered[end + 4:]
+        return buffered[end + 4 :]
 
     def _run(self, step: Callable[[], object]) -> str | None:
         try:

@@ -21,8 +21,16 @@ _MISSING: Any = object()
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
-_SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 10**6, "MiB": 2**20,
-               "GB": 10**9, "GiB": 2**30}
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 1000,
+    "KiB": 1024,
+    "MB": 10**6,
+    "MiB": 2**20,
+    "GB": 10**9,
+    "GiB": 2**30,
+}
 _constructor = yaml.constructor.SafeConstructor()
 
 
@@ -137,8 +145,13 @@ class Fields:
             return
         yield from enumerate(node.value)
 
-    def value(self, key: str, kind: type[T], default: T = _MISSING,
-              check: Callable[[Any], str | None] | None = None) -> T:
+    def value(
+        self,
+        key: str,
+        kind: type[T],
+        default: T = _MISSING,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> T:
         """A scalar of type `kind` (bool is not int, int is a float); errors fall back to default.
 
         Without a default the key is required; when it is missing or wrong, the problem is
@@ -157,8 +170,12 @@ class Fields:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            self.problems.add(self.file, node, self._name(key),
-                              f"must be {_KIND_NAMES.get(kind, kind.__name__)}, got {_show(value)}")
+            self.problems.add(
+                self.file,
+                node,
+                self._name(key),
+                f"must be {_KIND_NAMES.get(kind, kind.__name__)}, got {_show(value)}",
+            )
             return default
         if check is not None and (message := check(value)):
             self.problems.add(self.file, node, self._name(key), message)
@@ -166,8 +183,12 @@ class Fields:
         return value
 
     def choice(self, key: str, choices: tuple[str, ...], default: str = _MISSING) -> str:
-        return self.value(key, str, default, lambda v: None if v in choices else
-                          f"must be one of {', '.join(choices)}, got {v!r}")
+        return self.value(
+            key,
+            str,
+            default,
+            lambda v: None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}",
+        )
 
     def converted(self, key: str, convert: Callable[[str], T], default: T = _MISSING) -> T:
         """A string converted by `convert` (durations, sizes); its ValueError is the message."""

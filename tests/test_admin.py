@@ -48,15 +48,21 @@ async def test_admin_listens_on_loopback_by_default(stack_factory: StackFactory)
 
 
 async def test_bearer_token_guards_everything_but_liveness_and_the_page_shell(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     stack = await stack_factory(OMS)
     running = await restart_with(stack, admin=AdminSettings("127.0.0.1", 0, TOKEN))
     try:
-        guarded = [("GET", "/metrics"), ("GET", "/policies"), ("POST", "/policies/reload"),
-                   ("GET", f"/explain?identity={JDOE}&application=OMS&service=x"),
-                   ("DELETE", f"/keys?identity={JDOE}&application=OMS&service=x"),
-                   ("POST", f"/keys/clear?identity={JDOE}&application=OMS&service=x"),
-                   ("GET", "/ledger"), ("GET", "/ops/data")]
+        guarded = [
+            ("GET", "/metrics"),
+            ("GET", "/policies"),
+            ("POST", "/policies/reload"),
+            ("GET", f"/explain?identity={JDOE}&application=OMS&service=x"),
+            ("DELETE", f"/keys?identity={JDOE}&application=OMS&service=x"),
+            ("POST", f"/keys/clear?identity={JDOE}&application=OMS&service=x"),
+            ("GET", "/ledger"),
+            ("GET", "/ops/data"),
+        ]
         for method, path in guarded:
             status, body, headers = await admin(running, method, path)
             assert status == 401, path
@@ -78,7 +84,8 @@ async def test_bearer_token_guards_everything_but_liveness_and_the_page_shell(
 
 
 async def test_metrics_count_calls_violations_store_and_upstream(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     stack = await stack_factory(OMS)  # the real limiter stack: memory store behind the fallback
     client = stack.client()
     assert (await stack.soap(client, "oms", OMS_RETRIEVE)).status == 200
@@ -94,19 +101,24 @@ async def test_metrics_count_calls_violations_store_and_upstream(
     requests = "aup_requests_total"
     assert value(m, requests, application="OMS", service=OMS_RETRIEVE, decision="allowed") == 1
     assert value(m, requests, application="OMS", service=OMS_RETRIEVE, decision="rejected") == 2
-    assert value(m, requests, application="OMS", service="SubmitOutage_OMSv1_AP",
-                 decision="forwarded") == 3
+    assert (
+        value(m, requests, application="OMS", service="SubmitOutage_OMSv1_AP", decision="forwarded")
+        == 3
+    )
     assert value(m, requests, application="", service="", decision="refused") == 1
-    assert value(m, "aup_violations_total", policy="oms-retrieve", application="OMS",
-                 decision="rejected") == 2
+    assert (
+        value(
+            m, "aup_violations_total", policy="oms-retrieve", application="OMS", decision="rejected"
+        )
+        == 2
+    )
     assert value(m, "aup_store_latency_seconds_count") == 3
     assert value(m, "aup_upstream_responses_total", application="OMS", status="200") == 4
     assert value(m, "aup_upstream_latency_seconds_count", application="OMS") == 4
     assert value(m, "aup_request_duration_seconds_count", decision="rejected") == 2
     assert value(m, "aup_policy_reloads_total", result="ok") == 0
     assert value(m, "aup_policy_reloads_total", result="failed") == 0
-    assert value(m, "aup_policy_set_info",
-                 version=stack.running.gateway.policies.version) == 1
+    assert value(m, "aup_policy_set_info", version=stack.running.gateway.policies.version) == 1
     assert value(m, "aup_policies_loaded") == 1
     assert value(m, "aup_store_fallback", store="memory", mode="local") == 0
     assert value(m, "aup_store_errors_total", store="memory") == 0
@@ -130,7 +142,8 @@ def _closed_port() -> int:
 
 
 async def test_readyz_stays_ready_in_store_fallback_and_says_so(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     stack = await stack_factory(OMS, store=f"redis://127.0.0.1:{_closed_port()}/0")
     client = stack.client()
     assert (await stack.soap(client, "oms", OMS_RETRIEVE)).status == 200  # decided locally
@@ -149,8 +162,9 @@ async def test_readyz_stays_ready_in_store_fallback_and_says_so(
 async def test_readyz_is_503_while_draining(stack_factory: StackFactory) -> None:
     stack = await stack_factory(OMS)
     client = stack.client()
-    slow = asyncio.create_task(stack.soap(client, "oms", "SubmitOutage_OMSv1_AP",
-                                          headers={"X-Mock-Delay": "0.6"}))
+    slow = asyncio.create_task(
+        stack.soap(client, "oms", "SubmitOutage_OMSv1_AP", headers={"X-Mock-Delay": "0.6"})
+    )
     await wait_for(lambda: _in_flight(stack), what="the slow call to be in flight")
     stopping = asyncio.create_task(stack.running.stop())
     await wait_for(lambda: stack.running.ops.draining, what="draining")
@@ -167,7 +181,8 @@ def _in_flight(stack: Stack) -> bool:
 
 
 async def test_policies_lists_the_set_and_reload_reports_an_invalid_file(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     stack = await stack_factory({"a-oms.yaml": OMS, "b-drrs.yaml": DRRS.format(per="30s")})
     status, body, _ = await admin(stack, "GET", "/policies")
     assert status == 200
@@ -181,16 +196,16 @@ async def test_policies_lists_the_set_and_reload_reports_an_invalid_file(
     assert body["last_reload"]["ok"] is True
 
     (stack.folder / "policies" / "c-bad.yaml").write_text(
-        "policies:\n  - name: broken\n    application: OMS\n    limit: 0\n")
+        "policies:\n  - name: broken\n    application: OMS\n    limit: 0\n"
+    )
     status, result, _ = await admin(stack, "POST", "/policies/reload")
     assert status == 422
     assert result["ok"] is False and result["version"] == version
-    assert any("c-bad.yaml:4" in problem and "limit" in problem
-               for problem in result["problems"])
+    assert any("c-bad.yaml:4" in problem and "limit" in problem for problem in result["problems"])
 
     body = (await admin(stack, "GET", "/policies"))[1]
     assert body["version"] == version and body["last_reload"]["ok"] is False
-    ready = (await admin(stack, "GET", "/readyz"))
+    ready = await admin(stack, "GET", "/readyz")
     assert ready[0] == 200  # the running set still serves
     assert ready[1]["policies"]["last_reload"]["problems"] == result["problems"]
     m = samples((await admin(stack, "GET", "/metrics"))[1])
@@ -204,8 +219,9 @@ async def test_policies_lists_the_set_and_reload_reports_an_invalid_file(
 
 async def test_explain_shows_the_policy_and_the_keys_state(stack_factory: StackFactory) -> None:
     clock = FakeClock()
-    stack = await stack_factory({"a.yaml": OMS, "b.yaml": DRRS.format(per="30s")},
-                                limiter=MemoryLimiter(clock))
+    stack = await stack_factory(
+        {"a.yaml": OMS, "b.yaml": DRRS.format(per="30s")}, limiter=MemoryLimiter(clock)
+    )
     client = stack.client()
     assert (await stack.soap(client, "oms", OMS_RETRIEVE)).status == 200
     clock.advance(1.5)
@@ -226,26 +242,35 @@ async def test_explain_shows_the_policy_and_the_keys_state(stack_factory: StackF
     assert (await stack.soap(client, "drrs", DRRS_SERVICE)).status == 200
     clock.advance(10)
     assert (await stack.soap(client, "drrs", DRRS_SERVICE)).status == 500
-    body = (await admin(stack, "GET", f"/explain?identity={JDOE}&application=DRRS&service="
-                                      f"{DRRS_SERVICE}"))[1]
+    body = (
+        await admin(
+            stack, "GET", f"/explain?identity={JDOE}&application=DRRS&service={DRRS_SERVICE}"
+        )
+    )[1]
     assert body["state"]["locked_until"] == pytest.approx(clock.now + 30)
     assert body["state"]["locked_until_iso"].startswith("20")
     assert body["state"]["retry_after"] == pytest.approx(30)
     assert "reset" in body["applies"]
 
-    body = (await admin(stack, "GET", f"/explain?identity={JDOE}&application=OMS&service="
-                                      "SubmitOutage_OMSv1_AP"))[1]
+    body = (
+        await admin(
+            stack, "GET", f"/explain?identity={JDOE}&application=OMS&service=SubmitOutage_OMSv1_AP"
+        )
+    )[1]
     assert body["policy"] is None and "unlimited" in body["applies"]
 
-    for bad in ("/explain?application=OMS&service=x",
-                f"/explain?identity={JDOE}&application=NOPE&service=x",
-                "/explain?identity=jdoex1234&application=OMS&service=x"):
+    for bad in (
+        "/explain?application=OMS&service=x",
+        f"/explain?identity={JDOE}&application=NOPE&service=x",
+        "/explain?identity=jdoex1234&application=OMS&service=x",
+    ):
         status, body, _ = await admin(stack, "GET", bad)
         assert status == 400 and body["error"], bad
 
 
 async def test_clearing_a_key_unlocks_it_and_is_logged_and_ledgered(
-        stack_factory: StackFactory, caplog: pytest.LogCaptureFixture) -> None:
+    stack_factory: StackFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     clock = FakeClock()
     stack = await stack_factory(DRRS.format(per="30s"), limiter=MemoryLimiter(clock))
     client = stack.client()
@@ -253,8 +278,10 @@ async def test_clearing_a_key_unlocks_it_and_is_logged_and_ledgered(
     assert (await stack.soap(client, "drrs", DRRS_SERVICE)).status == 500
 
     caplog.set_level(logging.INFO, logger="gateway.support")
-    path = ("/keys?identity=cn = jdoex1234, ou=people,O=CAISO,C=US&application=drrs"
-            f"&service={DRRS_SERVICE}&reason=ticket-42")  # written loosely: normalised
+    path = (
+        "/keys?identity=cn = jdoex1234, ou=people,O=CAISO,C=US&application=drrs"
+        f"&service={DRRS_SERVICE}&reason=ticket-42"
+    )  # written loosely: normalised
     status, body, _ = await admin(stack, "DELETE", path)
     assert status == 200 and body["cleared"] is True
     assert body["key"] == f"aup:{{CN=jdoex1234,OU=people,O=CAISO,C=US|DRRS|{DRRS_SERVICE}}}"
@@ -274,7 +301,8 @@ async def test_clearing_a_key_unlocks_it_and_is_logged_and_ledgered(
 
 
 async def test_access_log_is_one_json_line_per_call_and_can_be_turned_off(
-        stack_factory: StackFactory, caplog: pytest.LogCaptureFixture) -> None:
+    stack_factory: StackFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     stack = await stack_factory(OMS)  # the stack's YAML says access_log: false
     caplog.set_level(logging.INFO, logger="gateway.access")
     client = stack.client()
@@ -284,9 +312,11 @@ async def test_access_log_is_one_json_line_per_call_and_can_be_turned_off(
     running = await restart_with(stack, access_log=True)
     try:
         for _ in range(2):
-            async with client.post(f"https://localhost:{running.port}/sst/oms/{OMS_RETRIEVE}",
-                                   data=ENVELOPE.format(op="RetrieveCurrentOutages"),
-                                   headers={"Content-Type": SOAP11}) as answer:
+            async with client.post(
+                f"https://localhost:{running.port}/sst/oms/{OMS_RETRIEVE}",
+                data=ENVELOPE.format(op="RetrieveCurrentOutages"),
+                headers={"Content-Type": SOAP11},
+            ) as answer:
                 await answer.read()
     finally:
         await running.stop()
@@ -301,7 +331,6 @@ async def test_access_log_is_one_json_line_per_call_and_can_be_turned_off(
     assert second["retry_after"] > 0 and first["latency_ms"] > 0
 
 
-
 async def test_policies_and_explain_show_the_access_list(stack_factory: StackFactory) -> None:
     access = """\
     access:
@@ -309,11 +338,18 @@ async def test_policies_and_explain_show_the_access_list(stack_factory: StackFac
         applications: [DRRS]
         subjects: ["CN=asmithx5678,OU=people,O=CAISO,C=US"]
     """
-    stack = await stack_factory({"a.yaml": OMS + "access:\n  - {name: oms-all, applications: "
-                                 "[OMS], organisations: [CAISO]}\n", "b.yaml": access})
+    stack = await stack_factory(
+        {
+            "a.yaml": OMS + "access:\n  - {name: oms-all, applications: "
+            "[OMS], organisations: [CAISO]}\n",
+            "b.yaml": access,
+        }
+    )
     body = (await admin(stack, "GET", "/policies"))[1]
     assert [(rule["name"], rule["applications"]) for rule in body["access"]] == [
-        ("oms-all", ["OMS"]), ("drrs-users", ["DRRS"])]
+        ("oms-all", ["OMS"]),
+        ("drrs-users", ["DRRS"]),
+    ]
     assert body["access"][1]["subjects"] == ["cn=asmithx5678,ou=people,o=caiso,c=us"]
 
     async def provisioned(identity: str, application: str) -> object:
@@ -333,7 +369,8 @@ async def test_refused_handshakes_are_counted_by_reason(stack_factory: StackFact
 
     async def counted() -> bool:
         m = samples((await admin(stack, "GET", "/metrics"))[1])
-        return sum(v for (name, _), v in m.items()
-                   if name == "aup_tls_handshakes_refused_total") >= 1
+        return (
+            sum(v for (name, _), v in m.items() if name == "aup_tls_handshakes_refused_total") >= 1
+        )
 
     await wait_for(counted, what="the refused handshake in the metrics")

@@ -31,7 +31,9 @@ def _nginx_t(prefix: Path, text: str) -> None:
     conf.write_text(text)
     done = subprocess.run(
         [_nginx(), "-t", "-p", f"{prefix}/", "-e", str(prefix / "error.log"), "-c", str(conf)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert done.returncode == 0, done.stderr
 
@@ -42,19 +44,24 @@ def test_upstream_nginx_config_is_valid(tmp_path: Path, certs: DemoCerts) -> Non
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_peer_nginx_config_is_valid(tmp_path: Path, certs: DemoCerts, workers: int) -> None:
-    text = configs.peer_nginx_conf(tmp_path, certs, 18080, configs.PeerPorts(18444, 18445),
-                                   workers)
+    text = configs.peer_nginx_conf(tmp_path, certs, 18080, configs.PeerPorts(18444, 18445), workers)
     assert "limit_req_zone $ssl_client_s_dn$uri" in text
     assert f"rate={configs.NGINX_REJECTED_RATE}" in text
     _nginx_t(tmp_path, text)
 
 
-@pytest.mark.parametrize("kind, limit, per", [
-    ("allowed", 1000, 0.001), ("long-log", 1_000_000, 1.0), ("rejected", 1, 5.0),
-])
+@pytest.mark.parametrize(
+    "kind, limit, per",
+    [
+        ("allowed", 1000, 0.001),
+        ("long-log", 1_000_000, 1.0),
+        ("rejected", 1, 5.0),
+    ],
+)
 @pytest.mark.parametrize("store", ["memory://", "redis://127.0.0.1:6390/0"])
-def test_gateway_config_loads(tmp_path: Path, certs: DemoCerts, kind: str, limit: int,
-                              per: float, store: str) -> None:
+def test_gateway_config_loads(
+    tmp_path: Path, certs: DemoCerts, kind: str, limit: int, per: float, store: str
+) -> None:
     path = configs.write_gateway_config(tmp_path, certs, 18500, 18080, store, kind)
     settings = load_settings(path)
     assert settings.access_log is False
@@ -83,9 +90,7 @@ Non-2xx responses:      60908
 Keep-Alive requests:    60909
 Requests per second:    6090.30 [#/sec] (mean)
 """
-AB_CSV = "Percentage served,Time in ms\n" + "\n".join(
-    f"{i},{i / 10:.3f}" for i in range(101)
-)
+AB_CSV = "Percentage served,Time in ms\n" + "\n".join(f"{i},{i / 10:.3f}" for i in range(101))
 
 
 def test_ab_report_is_read() -> None:
@@ -104,6 +109,9 @@ def test_ab_report_without_results_is_an_error() -> None:
 
 def test_only_selects_scenarios_by_words() -> None:
     names = [s.name for s in select("gateway memory,direct", SCENARIOS)]
-    assert names == ["direct upstream (nginx, mTLS)", "gateway memory allowed",
-                     "gateway memory rejected"]
+    assert names == [
+        "direct upstream (nginx, mTLS)",
+        "gateway memory allowed",
+        "gateway memory rejected",
+    ]
     assert len(select("", SCENARIOS)) == len(SCENARIOS)

@@ -37,16 +37,18 @@ def _assert_reported(problems: list[str], expected: str) -> None:
     assert any(p.startswith(expected) for p in problems), (expected, problems)
 
 
-@pytest.mark.parametrize("path", sorted((FIXTURES / "bad_settings").glob("*.yaml")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((FIXTURES / "bad_settings").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_bad_settings_fixture_names_file_line_and_key(path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(path)
     _assert_reported(caught.value.problems, _expected(path))
 
 
-@pytest.mark.parametrize("path", sorted((FIXTURES / "bad_policies").glob("*.yaml")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((FIXTURES / "bad_policies").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_bad_policy_fixture_names_file_line_and_key(path: Path, tmp_path: Path) -> None:
     (tmp_path / "policies").mkdir()
     shutil.copy(path, tmp_path / "policies" / path.name)
@@ -67,8 +69,10 @@ def test_duplicate_names_across_files_are_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_policies(load_settings(tmp_path / "gateway.yaml"))
     first, second = tmp_path / "policies" / "a.yaml", tmp_path / "policies" / "b.yaml"
-    _assert_reported(caught.value.problems,
-                     f"{second}:2: name: duplicate policy name 'same' (first in {first}:2)")
+    _assert_reported(
+        caught.value.problems,
+        f"{second}:2: name: duplicate policy name 'same' (first in {first}:2)",
+    )
 
 
 def test_every_problem_is_reported_not_just_the_first(tmp_path: Path) -> None:
@@ -88,12 +92,14 @@ def test_shipped_configuration_and_policies_check_clean(capsys: pytest.CaptureFi
     drrs = policies.match("DRRS", "RetrieveDRLocations_DRRSv2_AP", "POST")
     assert drrs is not None and drrs.message == (
         "CAISO DRRS Acceptable Use Policy Violation. Please retry your request again in {per} "
-        "seconds from now. Note: Time resets each time you request before expiration.")
+        "seconds from now. Note: Time resets each time you request before expiration."
+    )
     assert policies.match("OMS", "SubmitOutage_OMSv1_AP", "POST") is None
 
 
-def test_check_command_prints_errors_and_exits_1(tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_command_prints_errors_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = FIXTURES / "bad_settings" / "bad_port.yaml"
     assert main(["check", "--config", str(bad)]) == 1
     err = capsys.readouterr().err
@@ -107,7 +113,8 @@ def test_policy_match_order_and_methods(tmp_path: Path) -> None:
         "policies:\n"
         "  - {name: first, application: oms, services: [RetrieveA*], limit: 1, per: 5s}\n"
         "  - {name: second, application: OMS, services: ['*'], methods: [GET],\n"
-        "     limit: 2, per: 1m}\n")
+        "     limit: 2, per: 1m}\n"
+    )
     (tmp_path / "gateway.yaml").write_text(GOOD)
     policies = load_policies(load_settings(tmp_path / "gateway.yaml"))
     first = policies.match("OMS", "RetrieveAll", "POST")

@@ -24,21 +24,25 @@ from tests.support.stack import DRRS, OMS, SOAP11, SOAP12, StackFactory
 SOAP_ENV = "{http://schemas.xmlsoap.org/soap/envelope/}"
 SOAP12_ENV = "{http://www.w3.org/2003/05/soap-envelope}"
 STD = "{http://www.caiso.com/soa/2006-06-13/StandardOutput.xsd}"
-DRRS_TEXT = ("CAISO DRRS Acceptable Use Policy Violation. Please retry your request again in 30 "
-             "seconds from now. Note: Time resets each time you request before expiration.")
+DRRS_TEXT = (
+    "CAISO DRRS Acceptable Use Policy Violation. Please retry your request again in 30 "
+    "seconds from now. Note: Time resets each time you request before expiration."
+)
 OMS_RETRIEVE = "RetrieveCurrentOutages_OMSv1_AP"
 
 
 def event_description(body: bytes) -> str:
     root = ElementTree.fromstring(body)
-    event = root.find(f"{SOAP_ENV}Body/{SOAP_ENV}Fault/detail/{STD}outputDataType/{STD}EventLog/"
-                      f"{STD}Event")
+    event = root.find(
+        f"{SOAP_ENV}Body/{SOAP_ENV}Fault/detail/{STD}outputDataType/{STD}EventLog/{STD}Event"
+    )
     assert event is not None, body
     return str(event.findtext(f"{STD}description"))
 
 
 async def test_oms_second_retrieve_within_window_gets_the_soap_fault(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     clock = FakeClock()
     stack = await stack_factory(OMS, limiter=MemoryLimiter(clock))
     client = stack.client("jdoex1234")
@@ -64,7 +68,8 @@ async def test_oms_second_retrieve_within_window_gets_the_soap_fault(
 
 
 async def test_oms_submits_other_services_and_other_certificates_are_unaffected(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     clock = FakeClock()
     stack = await stack_factory(OMS, limiter=MemoryLimiter(clock))
     jdoe, asmith = stack.client("jdoex1234"), stack.client("asmithx5678")
@@ -147,28 +152,37 @@ async def test_forwarded_headers_are_the_gateways_own(stack_factory: StackFactor
     assert 'Subject="CN=jdoex1234,OU=people,O=CAISO,C=US"' in seen["x-forwarded-client-cert"]
     assert "victimx0001" not in json.dumps(seen)
     assert seen["x-forwarded-for"] == "127.0.0.1"
-    assert seen["x-request-id"] != "forged" and seen["x-request-id"] == response.headers[
-        "X-Request-Id"]
+    assert (
+        seen["x-request-id"] != "forged"
+        and seen["x-request-id"] == response.headers["X-Request-Id"]
+    )
     assert "x-secret-hop" not in seen and "keep-alive" not in seen
     assert seen["x-custom"] == "kept"
 
 
 async def test_five_megabyte_soap_with_attachments_passes_intact(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     stack = await stack_factory(OMS)
     client = stack.client()
     attachment = os.urandom(5 * 2**20)
     boundary = "MIMEBoundary_aup"
     body = (
-        f"--{boundary}\r\nContent-Type: text/xml; charset=UTF-8\r\nContent-ID: <root>\r\n\r\n"
-        '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
-        "<soapenv:Body/></soapenv:Envelope>\r\n"
-        f"--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-ID: <payload>\r\n\r\n"
-    ).encode() + attachment + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f"--{boundary}\r\nContent-Type: text/xml; charset=UTF-8\r\nContent-ID: <root>\r\n\r\n"
+            '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
+            "<soapenv:Body/></soapenv:Envelope>\r\n"
+            f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+            "Content-ID: <payload>\r\n\r\n"
+        ).encode()
+        + attachment
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     content_type = f'multipart/related; type="text/xml"; boundary="{boundary}"; start="<root>"'
     for data in (body, _chunks(body)):  # with a Content-Length, and chunked
-        response = await stack.soap(client, "sibr", "SubmitRawBidSet_SIBRv5_AP",
-                                    content_type=content_type, data=data)
+        response = await stack.soap(
+            client, "sibr", "SubmitRawBidSet_SIBRv5_AP", content_type=content_type, data=data
+        )
         assert response.status == 200
         assert response.headers["X-Echo-Body-Length"] == str(len(body))
         assert response.headers["X-Echo-Body-Sha256"] == hashlib.sha256(body).hexdigest()
@@ -176,7 +190,7 @@ async def test_five_megabyte_soap_with_attachments_passes_intact(
 
 async def _chunks(body: bytes, size: int = 256 * 1024):  # type: ignore[no-untyped-def]
     for start in range(0, len(body), size):
-        yield body[start:start + size]
+        yield body[start : start + size]
 
 
 async def test_large_upstream_answer_streams_back(stack_factory: StackFactory) -> None:
@@ -187,8 +201,10 @@ async def test_large_upstream_answer_streams_back(stack_factory: StackFactory) -
         assert response.status == 200
         body = await response.read()
     assert len(body) == size
-    assert hashlib.sha256(body).hexdigest() == hashlib.sha256(
-        b"".join(pattern_chunks(size))).hexdigest()
+    assert (
+        hashlib.sha256(body).hexdigest()
+        == hashlib.sha256(b"".join(pattern_chunks(size))).hexdigest()
+    )
 
 
 async def test_soap_action_fallback_routes_and_limits(stack_factory: StackFactory) -> None:
@@ -205,13 +221,16 @@ async def test_soap_action_fallback_routes_and_limits(stack_factory: StackFactor
 
 
 async def test_unknown_application_and_service_are_refused_not_forwarded(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     stack = await stack_factory(OMS)
     client = stack.client()
     unknown = await stack.soap(client, "nosuchapp", "RetrieveThings_Xv1_AP")
     assert unknown.status == 404 and "X-Echo-Path" not in unknown.headers
-    assert ElementTree.fromstring(await unknown.read()).find(f"{SOAP_ENV}Body/{SOAP_ENV}Fault") \
+    assert (
+        ElementTree.fromstring(await unknown.read()).find(f"{SOAP_ENV}Body/{SOAP_ENV}Fault")
         is not None
+    )
     async with client.get(f"{stack.url}/crr/auction/v1.0/secret") as route:
         assert route.status == 404 and "X-Echo-Path" not in route.headers
         assert route.headers["Content-Type"].startswith("application/problem+json")
@@ -228,17 +247,21 @@ async def test_dead_and_slow_upstreams_answer_502_and_504(stack_factory: StackFa
     assert str(root.findtext(f"{SOAP_ENV}Body/{SOAP_ENV}Fault/faultcode")).endswith(":Server")
 
     slow = await stack_factory(OMS, oms_extra=", timeout: 300ms")
-    late = await slow.soap(slow.client(), "oms", "SubmitOutage_OMSv1_AP",
-                           headers={"X-Mock-Delay": "2"})
+    late = await slow.soap(
+        slow.client(), "oms", "SubmitOutage_OMSv1_AP", headers={"X-Mock-Delay": "2"}
+    )
     assert late.status == 504
-    assert ElementTree.fromstring(await late.read()).find(f"{SOAP_ENV}Body/{SOAP_ENV}Fault") \
+    assert (
+        ElementTree.fromstring(await late.read()).find(f"{SOAP_ENV}Body/{SOAP_ENV}Fault")
         is not None
+    )
     # the gateway keeps serving
     assert (await slow.soap(slow.client(), "oms", "SubmitOutage_OMSv1_AP")).status == 200
 
 
 async def test_no_client_certificate_is_refused_at_the_handshake(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     stack = await stack_factory(OMS)
     for user in (None, "expired", "otherca", "revoked", "selfsigned", "notyet"):
         client = stack.client(user)
@@ -248,7 +271,8 @@ async def test_no_client_certificate_is_refused_at_the_handshake(
 
 
 async def test_a_policys_on_store_error_overrides_the_global_choice(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     with socket.socket() as probe:  # a Redis that is not there
         probe.bind(("127.0.0.1", 0))
         dead_redis = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"

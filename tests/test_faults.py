@@ -14,12 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.errors import ErrorCode
 from gateway.faults import (
-    BODY_TOO_LARGE,
-    NOT_PROVISIONED,
-    STORE_UNAVAILABLE,
-    UNKNOWN_APPLICATION,
-    UPSTREAM_TIMEOUT,
     Fault,
     error_fault,
     policy_header,
@@ -203,7 +199,7 @@ def test_soap11_error_faults_client_and_server() -> None:
     refused = error_fault(
         "soap11",
         status=403,
-        code=NOT_PROVISIONED,
+        code=ErrorCode.NOT_PROVISIONED,
         message="Not provisioned for DRRS",
         application="DRRS",
         service=SERVICE,
@@ -215,14 +211,14 @@ def test_soap11_error_faults_client_and_server() -> None:
     body = parse(refused.body)
     assert one(body, f"{SOAP11}Body/{SOAP11}Fault/faultcode").text == "soapenv:Client"
     event = event_of(one(body, f"{SOAP11}Body/{SOAP11}Fault/detail"))
-    assert one(event, f"{SO}code").text == NOT_PROVISIONED
+    assert one(event, f"{SO}code").text == ErrorCode.NOT_PROVISIONED
     assert one(event, f"{SO}description").text == "Not provisioned for DRRS"
     assert event.find(f"{SO}retryAfter") is None
 
     timeout = error_fault(
         "soap11",
         status=504,
-        code=UPSTREAM_TIMEOUT,
+        code=ErrorCode.UPSTREAM_TIMEOUT,
         message="Upstream timed out",
         application="OMS",
         service="RetrieveX_OMSv1_AP",
@@ -238,7 +234,7 @@ def test_soap_error_without_application_or_service() -> None:
     fault = error_fault(
         "soap11",
         status=404,
-        code=UNKNOWN_APPLICATION,
+        code=ErrorCode.UNKNOWN_APPLICATION,
         message="No such app",
         application=None,
         service=None,
@@ -275,7 +271,7 @@ def test_soap12_receiver_for_5xx() -> None:
     fault = error_fault(
         "soap12",
         status=503,
-        code=STORE_UNAVAILABLE,
+        code=ErrorCode.STORE_UNAVAILABLE,
         message="Try later",
         application="OMS",
         service="S",
@@ -315,7 +311,7 @@ def test_problem_error_members() -> None:
     fault = error_fault(
         "problem",
         status=413,
-        code=BODY_TOO_LARGE,
+        code=ErrorCode.BODY_TOO_LARGE,
         message="Body over 64 MiB",
         application="CRR",
         service="portfolioSubmission",
@@ -327,7 +323,7 @@ def test_problem_error_members() -> None:
         "title": "Request Entity Too Large",
         "status": 413,
         "detail": "Body over 64 MiB",
-        "code": BODY_TOO_LARGE,
+        "code": ErrorCode.BODY_TOO_LARGE,
         "application": "CRR",
         "service": "portfolioSubmission",
         "request_id": "r9",
@@ -335,7 +331,7 @@ def test_problem_error_members() -> None:
     unknown = error_fault(
         "problem",
         status=404,
-        code=UNKNOWN_APPLICATION,
+        code=ErrorCode.UNKNOWN_APPLICATION,
         message="no",
         application=None,
         service=None,
@@ -481,16 +477,35 @@ def test_cached_violation_faults_are_byte_for_byte_the_rendered_ones(shape: str)
     cache = ViolationFaults()
     rate = Rate(1, 30.0, reset_on_early_retry=True)
     template = "Retry in {retry_after} s; {service} once per {per} s."
-    calls = (("a&<1>", 1_790_000_000.25, 29.2), ("b-2", 1_790_000_003.5, 30.0),
-             ("c-3", 1_790_000_004.999, 7.01))
+    calls = (
+        ("a&<1>", 1_790_000_000.25, 29.2),
+        ("b-2", 1_790_000_003.5, 30.0),
+        ("c-3", 1_790_000_004.999, 7.01),
+    )
     for request_id, now, retry in calls:
         decision = Decision(False, retry, 0, retry, now)
-        cached = cache.fault(shape, policy_name="drrs", message_template=template, rate=rate,
-                             decision=decision, application="DRRS", service="Svc<&>",
-                             request_id=request_id)
+        cached = cache.fault(
+            shape,
+            policy_name="drrs",
+            message_template=template,
+            rate=rate,
+            decision=decision,
+            application="DRRS",
+            service="Svc<&>",
+            request_id=request_id,
+        )
         rendered = violation_fault(
-            shape, policy_name="drrs", rate=rate, decision=decision, application="DRRS",
-            service="Svc<&>", request_id=request_id,
-            message=render_message(template, retry_after=retry, service="Svc<&>", per=30.0))
+            shape,
+            policy_name="drrs",
+            rate=rate,
+            decision=decision,
+            application="DRRS",
+            service="Svc<&>",
+            request_id=request_id,
+            message=render_message(template, retry_after=retry, service="Svc<&>", per=30.0),
+        )
         assert (cached.status, cached.headers, cached.body) == (
-            rendered.status, rendered.headers, rendered.body)
+            rendered.status,
+            rendered.headers,
+            rendered.body,
+        )

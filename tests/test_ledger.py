@@ -51,9 +51,14 @@ async def _send_faults(stack: Stack) -> list[dict[str, object]]:
                 answer = await stack.soap(client, app, service)
                 if answer.status != 200:
                     assert answer.status == 500
-                    sent.append({"request_id": answer.headers["X-Request-Id"], "cn": user,
-                                 "service": service,
-                                 "retry_after": int(answer.headers["Retry-After"])})
+                    sent.append(
+                        {
+                            "request_id": answer.headers["X-Request-Id"],
+                            "cn": user,
+                            "service": service,
+                            "retry_after": int(answer.headers["Retry-After"]),
+                        }
+                    )
     return sent
 
 
@@ -69,16 +74,19 @@ def _check_entries(entries: list[LedgerEntry], sent: list[dict[str, object]]) ->
         assert entry.cn == fault["cn"] and entry.service == fault["service"]
         assert entry.identity == entry.subject == f"CN={fault['cn']},OU=people,O=CAISO,C=US"
         assert math.ceil(entry.retry_after) == fault["retry_after"]
-        assert entry.policy == ("oms-retrieve" if entry.application == "OMS"
-                                else "drrs-per-service")
+        assert entry.policy == (
+            "oms-retrieve" if entry.application == "OMS" else "drrs-per-service"
+        )
         assert entry.store_time > 0 and entry.time > 0
 
 
 async def test_memory_store_ledger_is_a_jsonl_file_matching_the_faults(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     clock = FakeClock()
-    stack = await stack_factory({"a.yaml": OMS, "b.yaml": DRRS.format(per="30s")},
-                                limiter=MemoryLimiter(clock))
+    stack = await stack_factory(
+        {"a.yaml": OMS, "b.yaml": DRRS.format(per="30s")}, limiter=MemoryLimiter(clock)
+    )
     sent = await _send_faults(stack)
     assert len(sent) == 8  # 2 users x 2 services x 2 refused retries
     await stack.running.ledger.flush()
@@ -94,7 +102,8 @@ async def test_memory_store_ledger_is_a_jsonl_file_matching_the_faults(
 
 
 async def test_the_cli_prints_a_table_or_json_filtered_by_identity_and_time(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     stack = await stack_factory({"a.yaml": OMS, "b.yaml": DRRS.format(per="30s")})
     sent = await _send_faults(stack)
     await stack.running.ledger.flush()
@@ -104,17 +113,31 @@ async def test_the_cli_prints_a_table_or_json_filtered_by_identity_and_time(
     assert await _cli(config, identity="jdoex1234", since="1h", as_json=True, out=out) == 0
     printed = json.loads(out.getvalue())
     assert [e["request_id"] for e in printed] == [
-        s["request_id"] for s in sent if s["cn"] == "jdoex1234"]
+        s["request_id"] for s in sent if s["cn"] == "jdoex1234"
+    ]
 
     out = io.StringIO()
-    assert await _cli(config, identity="cn=asmithx5678, ou=people,O=CAISO,C=US",
-                      out=out, err=io.StringIO()) == 0
+    assert (
+        await _cli(
+            config, identity="cn=asmithx5678, ou=people,O=CAISO,C=US", out=out, err=io.StringIO()
+        )
+        == 0
+    )
     table = out.getvalue().splitlines()
-    assert table[0].split() == ["time", "decision", "cn", "application", "service", "policy",
-                                "retry_after", "request_id"]
+    assert table[0].split() == [
+        "time",
+        "decision",
+        "cn",
+        "application",
+        "service",
+        "policy",
+        "retry_after",
+        "request_id",
+    ]
     assert len(table) == 1 + 4 and all("asmithx5678" in row for row in table[1:])
     assert [row.split()[-1] for row in table[1:]] == [
-        s["request_id"] for s in sent if s["cn"] == "asmithx5678"]
+        s["request_id"] for s in sent if s["cn"] == "asmithx5678"
+    ]
 
     out = io.StringIO()
     assert await _cli(config, since="2999-01-01T00:00:00Z", as_json=True, out=out) == 0
@@ -124,12 +147,31 @@ async def test_the_cli_prints_a_table_or_json_filtered_by_identity_and_time(
     assert "ISO 8601" in err.getvalue()
 
     # the real command line, in its own process
-    done = subprocess.run([sys.executable, "-m", "gateway", "ledger", "--config", str(config),
-                           "--identity", JDOE, "--since", "10m", "--json", "--limit", "2"],
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "ledger",
+            "--config",
+            str(config),
+            "--identity",
+            JDOE,
+            "--since",
+            "10m",
+            "--json",
+            "--limit",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert [e["request_id"] for e in json.loads(done.stdout)] == [
-        s["request_id"] for s in sent if s["cn"] == "jdoex1234"][-2:]
+        s["request_id"] for s in sent if s["cn"] == "jdoex1234"
+    ][-2:]
 
 
 def test_since_takes_durations_and_iso_times() -> None:
@@ -142,9 +184,13 @@ def test_since_takes_durations_and_iso_times() -> None:
 
 
 async def test_redis_store_ledger_is_a_capped_stream_matching_the_faults(
-        stack_factory: StackFactory, redis_url: str, redis_server: RedisServer) -> None:
-    stack = await stack_factory({"a.yaml": OMS, "b.yaml": DRRS.format(per="30s")},
-                                store=redis_url, extra="ledger: {max_entries: 150}\n")
+    stack_factory: StackFactory, redis_url: str, redis_server: RedisServer
+) -> None:
+    stack = await stack_factory(
+        {"a.yaml": OMS, "b.yaml": DRRS.format(per="30s")},
+        store=redis_url,
+        extra="ledger: {max_entries: 150}\n",
+    )
     assert stack.running.ledger.sink.name == "redis-stream"
     sent = await _send_faults(stack)
     await stack.running.ledger.flush()
@@ -158,12 +204,14 @@ async def test_redis_store_ledger_is_a_capped_stream_matching_the_faults(
     config = stack.folder / "gateway.yaml"
     assert await _cli(config, identity="asmithx5678", as_json=True, out=out) == 0
     assert [e["request_id"] for e in json.loads(out.getvalue())] == [
-        s["request_id"] for s in sent if s["cn"] == "asmithx5678"]
+        s["request_id"] for s in sent if s["cn"] == "asmithx5678"
+    ]
 
     # capped: MAXLEN ~ 150 trims whole stream nodes (100 entries each by default)
     writer = stack.running.ledger
-    entry = LedgerEntry(1.0, 1.0, "x", "rejected", JDOE, JDOE, "jdoex1234", "OMS", "s", "p",
-                        1.0, 500)
+    entry = LedgerEntry(
+        1.0, 1.0, "x", "rejected", JDOE, JDOE, "jdoex1234", "OMS", "s", "p", 1.0, 500
+    )
     for _ in range(2_000):
         writer.record(entry)
     await writer.flush()
@@ -173,7 +221,8 @@ async def test_redis_store_ledger_is_a_capped_stream_matching_the_faults(
 
 
 async def test_a_store_outage_never_blocks_calls_and_loses_no_entry(
-        stack_factory: StackFactory, redis_url: str, redis_server: RedisServer) -> None:
+    stack_factory: StackFactory, redis_url: str, redis_server: RedisServer
+) -> None:
     stack = await stack_factory(OMS, store=redis_url)
     client = stack.client()
     assert (await stack.soap(client, "oms", OMS_RETRIEVE)).status == 200
@@ -189,19 +238,31 @@ async def test_a_store_outage_never_blocks_calls_and_loses_no_entry(
         assert status["pending"] == 3 and status["errors"] >= 1
     finally:
         redis_server.start()
-    await wait_for(lambda: stack.running.ledger.status()["pending"] == 0, timeout=10,
-                   what="the queued entries to be written after the outage")
+    await wait_for(
+        lambda: stack.running.ledger.status()["pending"] == 0,
+        timeout=10,
+        what="the queued entries to be written after the outage",
+    )
     with redis_server.client() as redis:
-        written = [json.loads(fields[b"e"])["request_id"] for _, fields in redis.xrange(
-            "aup:ledger")]
+        written = [
+            json.loads(fields[b"e"])["request_id"] for _, fields in redis.xrange("aup:ledger")
+        ]
     assert written == faults
 
 
 def _outcome(decision: str, request_id: str = "r") -> Outcome:
     identity = ClientIdentity(JDOE, "jdoex1234", "CAISO", "ab" * 32, "")
-    return Outcome(request_id, identity, "OMS", OMS_RETRIEVE, decision, "oms-retrieve",
-                   status=500 if decision == "rejected" else 200, retry_after=2.5,
-                   store_time=123.0)
+    return Outcome(
+        request_id,
+        identity,
+        "OMS",
+        OMS_RETRIEVE,
+        decision,
+        "oms-retrieve",
+        status=500 if decision == "rejected" else 200,
+        retry_after=2.5,
+        store_time=123.0,
+    )
 
 
 class _BrokenSink:
@@ -268,9 +329,11 @@ async def test_observing_costs_no_io(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_a_cluster_store_ledger_is_one_stream_on_the_cluster(
-        stack_factory: StackFactory, redis_cluster_url: str) -> None:
-    stack = await stack_factory({"a.yaml": OMS, "b.yaml": DRRS.format(per="30s")},
-                                store=redis_cluster_url)
+    stack_factory: StackFactory, redis_cluster_url: str
+) -> None:
+    stack = await stack_factory(
+        {"a.yaml": OMS, "b.yaml": DRRS.format(per="30s")}, store=redis_cluster_url
+    )
     assert stack.running.ledger.sink.name == "redis-stream"
     sent = await _send_faults(stack)
     await stack.running.ledger.flush()
@@ -281,7 +344,8 @@ async def test_a_cluster_store_ledger_is_one_stream_on_the_cluster(
 
 
 async def test_a_sentinel_store_ledger_is_a_stream_on_the_master(
-        stack_factory: StackFactory, redis_sentinel_url: str) -> None:
+    stack_factory: StackFactory, redis_sentinel_url: str
+) -> None:
     stack = await stack_factory(OMS, store=redis_sentinel_url)
     assert stack.running.ledger.sink.name == "redis-stream"
     client = stack.client()

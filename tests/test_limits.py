@@ -49,18 +49,22 @@ def guard(stack: Stack) -> GuardedServer:
     return server
 
 
-async def open_tls(stack: Stack, user: str = "jdoex1234",
-                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection("127.0.0.1", stack.running.port,
-                                         ssl=stack.ssl_for(user), server_hostname="localhost")
+async def open_tls(
+    stack: Stack,
+    user: str = "jdoex1234",
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(
+        "127.0.0.1", stack.running.port, ssl=stack.ssl_for(user), server_hostname="localhost"
+    )
 
 
 async def read_one_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     """One response with a Content-Length from a keep-alive connection: (status, body)."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     lines = head.decode("latin-1").split("\r\n")
-    length = next(int(line.split(":", 1)[1]) for line in lines
-                  if line.lower().startswith("content-length:"))
+    length = next(
+        int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:")
+    )
     body = await asyncio.wait_for(reader.readexactly(length), 5)
     return int(lines[0].split()[1]), body
 
@@ -77,45 +81,64 @@ async def until_closed(reader: asyncio.StreamReader, limit: float = 5.0) -> tupl
 
 
 def keepalive_request(target: str = "/sst/oms/SubmitOutage_OMSv1_AP") -> bytes:
-    return (f"POST {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {SOAP11}\r\n"
-            "Content-Length: 4\r\n\r\n<x/>").encode()
+    return (
+        f"POST {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {SOAP11}\r\n"
+        "Content-Length: 4\r\n\r\n<x/>"
+    ).encode()
 
 
 # --- sizes --------------------------------------------------------------------------------------
 
 
 async def test_request_line_header_size_and_count_have_their_own_statuses(
-        stack_factory: StackFactory, seen: list[Seen]) -> None:
+    stack_factory: StackFactory, seen: list[Seen]
+) -> None:
     stack = await limited(stack_factory)
     long_line = await send(stack, request_bytes("POST", "/sst/oms/" + "A" * 1100))
     assert long_line.status == 414
-    big_header = await send(stack, request_bytes("POST", "/sst/oms/SubmitOutage_OMSv1_AP",
-                                                 "X-Big: " + "a" * 2100))
+    big_header = await send(
+        stack, request_bytes("POST", "/sst/oms/SubmitOutage_OMSv1_AP", "X-Big: " + "a" * 2100)
+    )
     assert big_header.status == 431 and b"HEADER-TOO-LARGE" in big_header.body
-    many = await send(stack, request_bytes("POST", "/sst/oms/SubmitOutage_OMSv1_AP",
-                                           *(f"X-{i}: a" for i in range(25))))
+    many = await send(
+        stack,
+        request_bytes("POST", "/sst/oms/SubmitOutage_OMSv1_AP", *(f"X-{i}: a" for i in range(25))),
+    )
     assert many.status == 431 and b"TOO-MANY-HEADERS" in many.body
     for answer in (long_line, big_header, many):
         assert answer.headers["content-type"].startswith("application/problem+json")
         assert answer.ended == "eof"  # and the connection is closed
     assert seen == []
     # just under every limit passes
-    ok = await send(stack, request_bytes("POST", "/sst/oms/SubmitOutage_OMSv1_AP",
-                                         "X-Big: " + "a" * 1900,
-                                         *(f"X-{i}: a" for i in range(15)), body=b"<x/>"))
+    ok = await send(
+        stack,
+        request_bytes(
+            "POST",
+            "/sst/oms/SubmitOutage_OMSv1_AP",
+            "X-Big: " + "a" * 1900,
+            *(f"X-{i}: a" for i in range(15)),
+            body=b"<x/>",
+        ),
+    )
     assert ok.status == 200 and len(seen) == 1
     assert guard(stack).stats.bad_requests == 3
 
 
 async def test_a_declared_body_over_the_applications_limit_is_413_before_it_is_read(
-        stack_factory: StackFactory, seen: list[Seen]) -> None:
+    stack_factory: StackFactory, seen: list[Seen]
+) -> None:
     stack = await limited(stack_factory)
     # OMS allows 1 KiB, SIBR the default 64 KiB: the limit is per application
     small = soap_body("SubmitOutage").encode() + b" " * 1200
-    assert (await send(stack, request_bytes("POST", SIBR, f"Content-Type: {SOAP11}",
-                                            body=small))).status == 200
-    answer = await send(stack, request_bytes("POST", "/sst/oms/SubmitOutage_OMSv1_AP",
-                                             f"Content-Type: {SOAP11}", body=small))
+    assert (
+        await send(stack, request_bytes("POST", SIBR, f"Content-Type: {SOAP11}", body=small))
+    ).status == 200
+    answer = await send(
+        stack,
+        request_bytes(
+            "POST", "/sst/oms/SubmitOutage_OMSv1_AP", f"Content-Type: {SOAP11}", body=small
+        ),
+    )
     assert answer.status == 413 and b"1024 bytes" in answer.body
 
     # 10 GB declared, 3 bytes sent: answered at once, without reading; the connection is then
@@ -123,8 +146,10 @@ async def test_a_declared_body_over_the_applications_limit_is_413_before_it_is_r
     # 413 before the close), here until the read timeout, as the client went quiet
     started = time.monotonic()
     reader, writer = await open_tls(stack)
-    writer.write(f"POST {SIBR} HTTP/1.1\r\nHost: x\r\nContent-Type: {SOAP11}\r\n"
-                 "Content-Length: 10000000000\r\n\r\nabc".encode())
+    writer.write(
+        f"POST {SIBR} HTTP/1.1\r\nHost: x\r\nContent-Type: {SOAP11}\r\n"
+        "Content-Length: 10000000000\r\n\r\nabc".encode()
+    )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert time.monotonic() - started < READ_TIMEOUT
     assert head.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in head
@@ -135,14 +160,21 @@ async def test_a_declared_body_over_the_applications_limit_is_413_before_it_is_r
 
 
 async def test_a_chunked_body_is_counted_while_it_streams(
-        stack_factory: StackFactory, seen: list[Seen]) -> None:
+    stack_factory: StackFactory, seen: list[Seen]
+) -> None:
     stack = await limited(stack_factory)
     before = vmrss_kib()
     statuses = []
     for _ in range(10):  # 10 x 5 MB offered against a 64 KiB limit
         chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"x" * 64 * 1024)
-        data = [f"POST {SIBR} HTTP/1.1\r\nHost: x\r\nContent-Type: {SOAP11}\r\n"
-                "Transfer-Encoding: chunked\r\n\r\n".encode()] + [chunk] * 80 + [b"0\r\n\r\n"]
+        data = (
+            [
+                f"POST {SIBR} HTTP/1.1\r\nHost: x\r\nContent-Type: {SOAP11}\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n".encode()
+            ]
+            + [chunk] * 80
+            + [b"0\r\n\r\n"]
+        )
         answer = await send(stack, data)
         statuses.append(answer.status if answer.status else answer.ended)
         assert answer.status == 413 or answer.closed_cleanly, answer
@@ -156,7 +188,8 @@ async def test_a_chunked_body_is_counted_while_it_streams(
 
 
 async def test_a_slowloris_head_is_cut_off_within_the_read_timeout(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     stack = await limited(stack_factory)
     reader, writer = await open_tls(stack)
     opened = time.monotonic()
@@ -176,12 +209,14 @@ async def test_a_slowloris_head_is_cut_off_within_the_read_timeout(
     assert received.startswith(b"HTTP/1.1 408 ")
     assert guard(stack).stats.head_timeouts == 1
     # everyone else is still served
-    assert (await send(stack, request_bytes("POST", "/sst/oms/SubmitOutage_OMSv1_AP",
-                                            body=b"<x/>"))).status == 200
+    assert (
+        await send(stack, request_bytes("POST", "/sst/oms/SubmitOutage_OMSv1_AP", body=b"<x/>"))
+    ).status == 200
 
 
 async def test_a_connection_that_never_sends_is_closed_after_the_read_timeout(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     stack = await limited(stack_factory)
     reader, writer = await open_tls(stack)
     opened = time.monotonic()
@@ -192,11 +227,14 @@ async def test_a_connection_that_never_sends_is_closed_after_the_read_timeout(
 
 
 async def test_a_stalled_body_is_cut_off_and_a_trickling_one_is_not(
-        stack_factory: StackFactory, seen: list[Seen]) -> None:
+    stack_factory: StackFactory, seen: list[Seen]
+) -> None:
     stack = await limited(stack_factory)
     reader, writer = await open_tls(stack)
-    writer.write(f"POST {SIBR} HTTP/1.1\r\nHost: x\r\nContent-Type: {SOAP11}\r\n"
-                 "Content-Length: 1000\r\n\r\n0123456789".encode())
+    writer.write(
+        f"POST {SIBR} HTTP/1.1\r\nHost: x\r\nContent-Type: {SOAP11}\r\n"
+        "Content-Length: 1000\r\n\r\n0123456789".encode()
+    )
     await writer.drain()
     stalled = time.monotonic()
     _, closed = await until_closed(reader)
@@ -207,9 +245,11 @@ async def test_a_stalled_body_is_cut_off_and_a_trickling_one_is_not(
 
     # 100 bytes every 200 ms for 2 s: slow, but never silent for a whole read timeout
     body = b"x" * 1000
-    pieces = [f"POST {SIBR} HTTP/1.1\r\nHost: x\r\nContent-Type: {SOAP11}\r\n"
-              f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()]
-    pieces += [body[i:i + 100] for i in range(0, len(body), 100)]
+    pieces = [
+        f"POST {SIBR} HTTP/1.1\r\nHost: x\r\nContent-Type: {SOAP11}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+    ]
+    pieces += [body[i : i + 100] for i in range(0, len(body), 100)]
     answer = await send(stack, pieces, pause=0.2)
     assert answer.status == 200 and answer.headers["x-echo-body-length"] == "1000"
 
@@ -232,7 +272,8 @@ async def test_a_client_that_stops_reading_is_cut_off(stack_factory: StackFactor
 
 
 async def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     stack = await limited(stack_factory)
     reader, writer = await open_tls(stack)
     for _ in range(2):  # the connection is reused while it is busy
@@ -267,8 +308,13 @@ async def test_concurrent_connections_per_identity_are_capped(stack_factory: Sta
     assert guard(stack).stats.refused_connections == 1
 
     # another identity is not affected
-    assert (await send(stack, request_bytes("POST", "/sst/oms/SubmitOutage_OMSv1_AP",
-                                            body=b"<x/>"), user="asmithx5678")).status == 200
+    assert (
+        await send(
+            stack,
+            request_bytes("POST", "/sst/oms/SubmitOutage_OMSv1_AP", body=b"<x/>"),
+            user="asmithx5678",
+        )
+    ).status == 200
     # closing one frees a place (well before the idle timeout could have closed it)
     held[0][1].close()
     jdoe = "CN=jdoex1234,OU=people,O=CAISO,C=US"
@@ -277,7 +323,8 @@ async def test_concurrent_connections_per_identity_are_capped(stack_factory: Sta
             break
         await asyncio.sleep(0.02)
     assert guard(stack).open_connections(jdoe) == 1
-    assert (await send(stack, request_bytes("POST", "/sst/oms/SubmitOutage_OMSv1_AP",
-                                            body=b"<x/>"))).status == 200
+    assert (
+        await send(stack, request_bytes("POST", "/sst/oms/SubmitOutage_OMSv1_AP", body=b"<x/>"))
+    ).status == 200
     for _, writer in held[1:]:
         writer.close()

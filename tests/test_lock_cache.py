@@ -27,8 +27,7 @@ async def limiter(redis_url: str) -> AsyncIterator[ResilientLimiter]:
     await lim.close()
 
 
-async def test_a_locked_key_is_answered_without_asking_the_store(
-        limiter: ResilientLimiter) -> None:
+async def test_a_locked_key_is_answered_without_asking_the_store(limiter: ResilientLimiter) -> None:
     k = key("CN=cachex0001")
     assert (await limiter.decide_with_source(k, OMS))[1] == "store"
     first_reject, source = await limiter.decide_with_source(k, OMS)
@@ -58,7 +57,8 @@ async def test_the_cache_never_outlasts_the_stores_lock(limiter: ResilientLimite
 
 
 async def test_early_retries_of_a_reset_policy_still_move_the_stores_lockout(
-        limiter: ResilientLimiter) -> None:
+    limiter: ResilientLimiter,
+) -> None:
     k = key("CN=cachex0003", "RetrieveDRLocations_DRRSv2_AP")
     assert (await limiter.decide(k, DRRS)).allowed
     assert not (await limiter.decide(k, DRRS)).allowed  # the store locks it: cached from now

@@ -41,12 +41,24 @@ class Browser:
     async def run(self, url: str, *mode: str, timeout: float = 60.0) -> bytes:
         """Run headless Chromium on `url` (the event loop keeps serving meanwhile); stdout."""
         process = await asyncio.create_subprocess_exec(
-            self.executable, "--headless", "--no-sandbox", "--disable-gpu",
-            "--disable-dev-shm-usage", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run",
-            "--hide-scrollbars", f"--user-data-dir={self.profile}", "--window-size=1200,900",
-            "--virtual-time-budget=3000", *mode, url,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            self.executable,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--hide-scrollbars",
+            f"--user-data-dir={self.profile}",
+            "--window-size=1200,900",
+            "--virtual-time-budget=3000",
+            *mode,
+            url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         try:
             out, err = await asyncio.wait_for(process.communicate(), timeout)
         except TimeoutError:
@@ -81,9 +93,11 @@ def rows(dom: str, table: str) -> list[list[str]]:
 
 async def _violations(stack: Stack) -> None:
     """bleex4242 breaks the OMS policy five times, jdoex1234 once, asmithx5678 twice on DRRS."""
-    for user, app, service, calls in (("bleex4242", "oms", OMS_RETRIEVE, 6),
-                                      ("jdoex1234", "oms", OMS_RETRIEVE, 2),
-                                      ("asmithx5678", "drrs", DRRS_SERVICE, 3)):
+    for user, app, service, calls in (
+        ("bleex4242", "oms", OMS_RETRIEVE, 6),
+        ("jdoex1234", "oms", OMS_RETRIEVE, 2),
+        ("asmithx5678", "drrs", DRRS_SERVICE, 3),
+    ):
         client = stack.client(user)
         for _ in range(calls):
             await stack.soap(client, app, service)
@@ -91,21 +105,27 @@ async def _violations(stack: Stack) -> None:
 
 
 async def test_the_page_shows_live_offenders_policies_and_the_last_reload(
-        stack_factory: StackFactory, browser: Browser, tmp_path: Path) -> None:
+    stack_factory: StackFactory, browser: Browser, tmp_path: Path
+) -> None:
     clock = FakeClock()
-    stack = await stack_factory({"a-oms.yaml": OMS, "b-drrs.yaml": DRRS.format(per="30s")},
-                                limiter=MemoryLimiter(clock))
+    stack = await stack_factory(
+        {"a-oms.yaml": OMS, "b-drrs.yaml": DRRS.format(per="30s")}, limiter=MemoryLimiter(clock)
+    )
     await _violations(stack)
     url = f"{stack.admin_url}/ops"
 
     dom = await browser.dom(url)
     offenders = rows(dom, "offenders")
-    assert [row[:2] for row in offenders] == [["bleex4242", "5"], ["asmithx5678", "2"],
-                                              ["jdoex1234", "1"]]
+    assert [row[:2] for row in offenders] == [
+        ["bleex4242", "5"],
+        ["asmithx5678", "2"],
+        ["jdoex1234", "1"],
+    ]
     violations = rows(dom, "violations")
     assert violations[0][:6] == ["bleex4242", "OMS", OMS_RETRIEVE, "oms-retrieve", "5", "0"]
     assert ["asmithx5678", "DRRS", DRRS_SERVICE, "drrs-per-service", "2", "0"] in [
-        row[:6] for row in violations]
+        row[:6] for row in violations
+    ]
     recent = rows(dom, "recent")
     assert len(recent) == 8 and recent[0][1] == "rejected"
     assert [row[0] for row in rows(dom, "policies")] == ["oms-retrieve", "drrs-per-service"]
@@ -121,11 +141,13 @@ async def test_the_page_shows_live_offenders_policies_and_the_last_reload(
     assert len(shot) > 20_000  # a rendered page, not a blank canvas
 
 
-async def test_the_page_shows_a_failed_reload(stack_factory: StackFactory,
-                                              browser: Browser) -> None:
+async def test_the_page_shows_a_failed_reload(
+    stack_factory: StackFactory, browser: Browser
+) -> None:
     stack = await stack_factory(OMS)
     (stack.folder / "policies" / "zz-bad.yaml").write_text(
-        "policies:\n  - name: typo\n    application: OMS\n    per: 5 seconds\n")
+        "policies:\n  - name: typo\n    application: OMS\n    per: 5 seconds\n"
+    )
     assert (await admin(stack, "POST", "/policies/reload"))[0] == 422
     dom = await browser.dom(f"{stack.admin_url}/ops")
     assert "FAILED — the previous set keeps running" in dom
@@ -134,14 +156,18 @@ async def test_the_page_shows_a_failed_reload(stack_factory: StackFactory,
 
 
 async def test_with_a_token_the_page_reads_it_from_the_fragment(
-        stack_factory: StackFactory, browser: Browser) -> None:
+    stack_factory: StackFactory, browser: Browser
+) -> None:
     stack = await stack_factory(OMS)
     running = await restart_with(stack, admin=AdminSettings("127.0.0.1", 0, "pa55"))
     try:
         client = stack.client("bleex4242")
         for _ in range(2):
-            async with client.post(f"https://localhost:{running.port}/sst/oms/{OMS_RETRIEVE}",
-                                   data="<x/>", headers={"Content-Type": "text/xml"}) as answer:
+            async with client.post(
+                f"https://localhost:{running.port}/sst/oms/{OMS_RETRIEVE}",
+                data="<x/>",
+                headers={"Content-Type": "text/xml"},
+            ) as answer:
                 await answer.read()
         await running.ledger.flush()
         base = f"http://127.0.0.1:{running.admin_port}/ops"

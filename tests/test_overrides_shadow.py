@@ -49,10 +49,12 @@ ASMITH = "CN=asmithx5678,OU=people,O=CAISO,C=US"
 
 
 async def test_the_exempt_monitoring_certificate_is_never_limited(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     clock = FakeClock()
-    stack = await stack_factory({"cmri.yaml": CMRI, "sibr.yaml": SIBR},
-                                limiter=MemoryLimiter(clock))
+    stack = await stack_factory(
+        {"cmri.yaml": CMRI, "sibr.yaml": SIBR}, limiter=MemoryLimiter(clock)
+    )
     monitor, jdoe = stack.client("monitorx0001"), stack.client("jdoex1234")
     for _ in range(20):
         answer = await stack.soap(monitor, "sibr", SIBR_RETRIEVE)
@@ -65,34 +67,47 @@ async def test_the_exempt_monitoring_certificate_is_never_limited(
     assert (await stack.soap(monitor, "cmri", CMRI_RETRIEVE)).status == 500
 
     m = samples((await admin(stack, "GET", "/metrics"))[1])
-    assert value(m, "aup_requests_total", application="SIBR", service=SIBR_RETRIEVE,
-                 decision="exempt") == 20
-    explained = (await admin(stack, "GET", f"/explain?identity={MONITOR}&application=SIBR"
-                                           f"&service={SIBR_RETRIEVE}"))[1]
+    assert (
+        value(m, "aup_requests_total", application="SIBR", service=SIBR_RETRIEVE, decision="exempt")
+        == 20
+    )
+    explained = (
+        await admin(
+            stack, "GET", f"/explain?identity={MONITOR}&application=SIBR&service={SIBR_RETRIEVE}"
+        )
+    )[1]
     assert explained["policy"]["override"] == "exempt" and explained["state"] is None
 
 
 async def test_a_negotiated_limit_applies_to_its_participant_only(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     clock = FakeClock()
     stack = await stack_factory({"cmri.yaml": CMRI}, limiter=MemoryLimiter(clock))
     asmith, jdoe = stack.client("asmithx5678"), stack.client("jdoex1234")
 
-    assert [(await stack.soap(asmith, "cmri", CMRI_RETRIEVE)).status
-            for _ in range(3)] == [200, 200, 500]
-    assert [(await stack.soap(jdoe, "cmri", CMRI_RETRIEVE)).status
-            for _ in range(2)] == [200, 500]
-    explained = (await admin(stack, "GET", f"/explain?identity={ASMITH}&application=CMRI"
-                                           f"&service={CMRI_RETRIEVE}"))[1]
+    assert [(await stack.soap(asmith, "cmri", CMRI_RETRIEVE)).status for _ in range(3)] == [
+        200,
+        200,
+        500,
+    ]
+    assert [(await stack.soap(jdoe, "cmri", CMRI_RETRIEVE)).status for _ in range(2)] == [200, 500]
+    explained = (
+        await admin(
+            stack, "GET", f"/explain?identity={ASMITH}&application=CMRI&service={CMRI_RETRIEVE}"
+        )
+    )[1]
     assert explained["policy"]["override"] == "negotiated"
     assert explained["rate"]["limit"] == 2
     assert explained["state"]["calls_in_window"] == 2
 
     clock.advance(10)  # a new window: two again for asmith, one for jdoe
-    assert [(await stack.soap(asmith, "cmri", CMRI_RETRIEVE)).status
-            for _ in range(3)] == [200, 200, 500]
-    assert [(await stack.soap(jdoe, "cmri", CMRI_RETRIEVE)).status
-            for _ in range(2)] == [200, 500]
+    assert [(await stack.soap(asmith, "cmri", CMRI_RETRIEVE)).status for _ in range(3)] == [
+        200,
+        200,
+        500,
+    ]
+    assert [(await stack.soap(jdoe, "cmri", CMRI_RETRIEVE)).status for _ in range(2)] == [200, 500]
 
 
 def test_the_shipped_policies_carry_both_overrides() -> None:
@@ -106,7 +121,8 @@ def test_the_shipped_policies_carry_both_overrides() -> None:
 
 
 async def test_a_shadow_policy_lets_calls_through_and_records_them(
-        stack_factory: StackFactory, caplog: pytest.LogCaptureFixture) -> None:
+    stack_factory: StackFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="gateway.shadow")
     clock = FakeClock()
     stack = await stack_factory(OMS_SHADOW, limiter=MemoryLimiter(clock))
@@ -118,32 +134,51 @@ async def test_a_shadow_policy_lets_calls_through_and_records_them(
     shadow_ids = [a.headers["X-Request-Id"] for a in answers[1:]]
 
     m = samples((await admin(stack, "GET", "/metrics"))[1])
-    assert value(m, "aup_requests_total", application="OMS", service=OMS_RETRIEVE,
-                 decision="allowed") == 1
-    assert value(m, "aup_requests_total", application="OMS", service=OMS_RETRIEVE,
-                 decision="shadow") == 2
-    assert value(m, "aup_violations_total", policy="oms-retrieve", application="OMS",
-                 decision="shadow") == 2
+    assert (
+        value(m, "aup_requests_total", application="OMS", service=OMS_RETRIEVE, decision="allowed")
+        == 1
+    )
+    assert (
+        value(m, "aup_requests_total", application="OMS", service=OMS_RETRIEVE, decision="shadow")
+        == 2
+    )
+    assert (
+        value(
+            m, "aup_violations_total", policy="oms-retrieve", application="OMS", decision="shadow"
+        )
+        == 2
+    )
 
     entries = (await admin(stack, "GET", "/ledger"))[1]["entries"]
     assert [e["request_id"] for e in entries] == shadow_ids
     assert {e["decision"] for e in entries} == {"shadow"}
-    assert all(e["policy"] == "oms-retrieve" and e["retry_after"] == pytest.approx(5)
-               for e in entries)
+    assert all(
+        e["policy"] == "oms-retrieve" and e["retry_after"] == pytest.approx(5) for e in entries
+    )
     logged = [r.getMessage() for r in caplog.records if r.name == "gateway.shadow"]
     assert len(logged) == 2 and all("oms-retrieve" in line for line in logged)
     assert shadow_ids[0] in logged[0]
 
 
 async def test_the_global_shadow_switch_shadows_every_enforcing_policy(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     clock = FakeClock()
     stack = await stack_factory(OMS, limiter=MemoryLimiter(clock), extra="mode: shadow\n")
     client = stack.client()
-    assert [(await stack.soap(client, "oms", OMS_RETRIEVE)).status
-            for _ in range(3)] == [200, 200, 200]
-    explained = (await admin(stack, "GET", "/explain?identity=CN=jdoex1234,OU=people,O=CAISO,"
-                                           f"C=US&application=OMS&service={OMS_RETRIEVE}"))[1]
+    assert [(await stack.soap(client, "oms", OMS_RETRIEVE)).status for _ in range(3)] == [
+        200,
+        200,
+        200,
+    ]
+    explained = (
+        await admin(
+            stack,
+            "GET",
+            "/explain?identity=CN=jdoex1234,OU=people,O=CAISO,"
+            f"C=US&application=OMS&service={OMS_RETRIEVE}",
+        )
+    )[1]
     assert explained["policy"]["mode"] == "enforce"
     assert explained["policy"]["effective_mode"] == "shadow"
     assert "shadow" in explained["applies"]

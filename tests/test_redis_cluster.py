@@ -71,8 +71,10 @@ async def test_keys_spread_over_every_master(
     for node in redis_cluster.nodes:
         with node.client() as client:
             per_master[node.port] = client.dbsize()
-    print(f"\n{identities} identities on the cluster in {elapsed * 1000:.0f} ms "
-          f"({identities / elapsed:,.0f} decisions/s, one process): keys per master {per_master}")
+    print(
+        f"\n{identities} identities on the cluster in {elapsed * 1000:.0f} ms "
+        f"({identities / elapsed:,.0f} decisions/s, one process): keys per master {per_master}"
+    )
     assert sum(per_master.values()) == identities
     # The slots are split in three near-equal ranges; the hash tag spreads (identity, service)
     # pairs evenly over them (binomial: a standard deviation of about 26 keys here).
@@ -121,8 +123,9 @@ async def test_one_master_down_mid_traffic(
     """
     # 100 ms rather than the default 50: several processes share two CPUs here, and a live
     # master that answers late would blur what this test looks at.
-    settings = StoreSettings(url=redis_cluster_url, timeout=0.1, connect_timeout=0.25,
-                             breaker_cooldown=0.2)
+    settings = StoreSettings(
+        url=redis_cluster_url, timeout=0.1, connect_timeout=0.25, breaker_cooldown=0.2
+    )
     lim = limiter_from_url(settings)
     await lim.start()
     keys = [key(f"CN=flow{i}") for i in range(24)]
@@ -166,10 +169,12 @@ async def test_one_master_down_mid_traffic(
     live_store = sum(1 for _, _, k, s in outage if k not in on_victim and s == "store")
     live_total = sum(1 for _, _, k, _ in outage if k not in on_victim)
     slowest = max(elapsed for _, elapsed, _, _ in calls)
-    print(f"\none master of 3 down for {restarted - killed:.2f}s: {len(outage)} decisions "
-          f"{dict(by_source)}; keys on live masters decided by the store {live_store}/{live_total}"
-          f"; slowest {slowest * 1000:.0f} ms; back on the store {back * 1000:.0f} ms after the "
-          f"cluster was ok again")
+    print(
+        f"\none master of 3 down for {restarted - killed:.2f}s: {len(outage)} decisions "
+        f"{dict(by_source)}; keys on live masters decided by the store {live_store}/{live_total}"
+        f"; slowest {slowest * 1000:.0f} ms; back on the store {back * 1000:.0f} ms after the "
+        f"cluster was ok again"
+    )
     assert by_source["local"] > 0 and lim.store_errors > 0
     assert slowest < settings.timeout + settings.connect_timeout + 0.25  # deadline + scheduling
     after = Counter(source for when, _, _, source in calls if when > restarted + 0.5)
@@ -255,23 +260,32 @@ async def test_client_failures_of_any_kind_are_store_failures() -> None:
 
 
 async def test_cluster_and_sentinel_urls() -> None:
-    cluster = limiter_from_url(StoreSettings(
-        url="rediss+cluster://gw:s3cr%40t@node-a:7000,node-b,[::1]:7002/?client_name=aup"
+    cluster = limiter_from_url(
+        StoreSettings(
+            url="rediss+cluster://gw:s3cr%40t@node-a:7000,node-b,[::1]:7002/?client_name=aup"
             "&ssl_ca_certs=/ca.pem&ssl_check_hostname=false",
-        pool_size=8))
+            pool_size=8,
+        )
+    )
     assert cluster.label == "rediss+cluster://node-a:7000,node-b:6379,[::1]:7002"
     client: Any = primary(cluster)._client
     assert isinstance(client, RedisCluster)
     kwargs = client.connection_kwargs
-    assert (kwargs["password"], kwargs["username"], kwargs["client_name"]) == ("s3cr@t", "gw",
-                                                                              "aup")
+    assert (kwargs["password"], kwargs["username"], kwargs["client_name"]) == (
+        "s3cr@t",
+        "gw",
+        "aup",
+    )
     assert kwargs["ssl_ca_certs"] == "/ca.pem" and kwargs["ssl_check_hostname"] is False
     assert kwargs["socket_timeout"] == 0.05 and kwargs["max_connections"] == 8 + 4
     await cluster.close()
 
-    sentinel = limiter_from_url(StoreSettings(
-        url="redis+sentinel://:data-pw@s1,s2:26380/mymaster/2?sentinel_password=sent-pw"
-            "&client_name=aup"))
+    sentinel = limiter_from_url(
+        StoreSettings(
+            url="redis+sentinel://:data-pw@s1,s2:26380/mymaster/2?sentinel_password=sent-pw"
+            "&client_name=aup"
+        )
+    )
     assert sentinel.label == "redis+sentinel://s1:26379,s2:26380/mymaster/2"
     master = primary(sentinel)._client
     assert isinstance(master, Redis)

@@ -35,8 +35,9 @@ policies:
 
 @pytest.fixture(scope="module")
 def sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
-    group = SentinelSet(tmp_path_factory.mktemp("sentinel-failover"), down_after_ms=500,
-                        failover_timeout_ms=2000)
+    group = SentinelSet(
+        tmp_path_factory.mktemp("sentinel-failover"), down_after_ms=500, failover_timeout_ms=2000
+    )
     try:
         group.start()
         yield group
@@ -48,9 +49,14 @@ async def test_master_killed_during_calls_fails_over_and_stays_exact(
     sentinels: SentinelSet, replica_factory: ReplicaFactory
 ) -> None:
     replicas = replica_factory(store=sentinels.url, policies=POLICIES, offsets=(0.0, 0.0))
-    direct = limiter_from_url(StoreSettings(url=sentinels.url, timeout=TIMEOUT,
-                                            connect_timeout=CONNECT_TIMEOUT,
-                                            breaker_cooldown=COOLDOWN))
+    direct = limiter_from_url(
+        StoreSettings(
+            url=sentinels.url,
+            timeout=TIMEOUT,
+            connect_timeout=CONNECT_TIMEOUT,
+            breaker_cooldown=COOLDOWN,
+        )
+    )
     await direct.start()
     old_master = sentinels.master_port()
     stop = asyncio.Event()
@@ -79,7 +85,8 @@ async def test_master_killed_during_calls_fails_over_and_stays_exact(
 
     async def readyz_states() -> list[str]:
         answers = await asyncio.gather(
-            *(asyncio.to_thread(replicas.readyz, r.index) for r in replicas))
+            *(asyncio.to_thread(replicas.readyz, r.index) for r in replicas)
+        )
         states = []
         for code, body in answers:
             assert code == 200
@@ -121,10 +128,12 @@ async def test_master_killed_during_calls_fails_over_and_stays_exact(
     direct_during = Counter(s for t, _, s in limiter_calls if killed <= t <= back)
     slowest = max(a.elapsed for a in answers)
     slowest_direct = max(e for _, e, _ in limiter_calls)
-    print(f"\nsentinel failover: promoted {promoted - killed:.2f}s after the kill; gateways and "
-          f"limiter back on the store {(back - promoted) * 1000:.0f} ms after promotion; "
-          f"{len(during)} gateway calls meanwhile, slowest {slowest * 1000:.0f} ms; in-process "
-          f"limiter {dict(direct_during)}, slowest {slowest_direct * 1000:.0f} ms")
+    print(
+        f"\nsentinel failover: promoted {promoted - killed:.2f}s after the kill; gateways and "
+        f"limiter back on the store {(back - promoted) * 1000:.0f} ms after promotion; "
+        f"{len(during)} gateway calls meanwhile, slowest {slowest * 1000:.0f} ms; in-process "
+        f"limiter {dict(direct_during)}, slowest {slowest_direct * 1000:.0f} ms"
+    )
     assert len(during) > 50 and direct_during["local"] > 0
     assert slowest < TIMEOUT + CONNECT_TIMEOUT + MARGIN
     assert slowest_direct < TIMEOUT + CONNECT_TIMEOUT + MARGIN

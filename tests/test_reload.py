@@ -54,9 +54,11 @@ def fast_watcher(stack: Stack, interval: float = 0.02) -> PolicyReloader:
 
 
 def oms_policy(limit: int, marker: str = "") -> str:
-    return (f"policies:\n  - name: oms-retrieve\n    application: OMS\n"
-            f"    services: [\"Retrieve*\"]\n    limit: {limit}\n    per: 5s\n"
-            f"    message: \"OMS AUP violation {marker}: retry in {{retry_after}} s\"\n")
+    return (
+        f"policies:\n  - name: oms-retrieve\n    application: OMS\n"
+        f'    services: ["Retrieve*"]\n    limit: {limit}\n    per: 5s\n'
+        f'    message: "OMS AUP violation {marker}: retry in {{retry_after}} s"\n'
+    )
 
 
 async def test_the_watcher_applies_a_valid_edit(stack_factory: StackFactory) -> None:
@@ -64,23 +66,27 @@ async def test_the_watcher_applies_a_valid_edit(stack_factory: StackFactory) -> 
     stack = await stack_factory({"oms.yaml": oms_policy(1)}, limiter=MemoryLimiter(clock))
     reloader = fast_watcher(stack)
     client = stack.client()
-    assert [(await stack.soap(client, "oms", OMS_RETRIEVE)).status
-            for _ in range(2)] == [200, 500]
+    assert [(await stack.soap(client, "oms", OMS_RETRIEVE)).status for _ in range(2)] == [200, 500]
 
     before = stack.running.gateway.policies.version
     write_atomically(stack.folder / "policies" / "oms.yaml", oms_policy(3))
-    await wait_for(lambda: stack.running.gateway.policies.version != before,
-                   what="the watcher to swap the set")
+    await wait_for(
+        lambda: stack.running.gateway.policies.version != before, what="the watcher to swap the set"
+    )
     assert reloader.last.ok and reloader.last.reason == "watch" and reloader.last.changed
     # the one call already made still counts: two more fit in the new limit of 3
-    assert [(await stack.soap(client, "oms", OMS_RETRIEVE)).status
-            for _ in range(3)] == [200, 200, 500]
+    assert [(await stack.soap(client, "oms", OMS_RETRIEVE)).status for _ in range(3)] == [
+        200,
+        200,
+        500,
+    ]
     m = samples((await admin(stack, "GET", "/metrics"))[1])
     assert value(m, "aup_policy_reloads_total", result="ok") == 1
 
 
 async def test_an_invalid_edit_keeps_the_running_set_and_says_where(
-        stack_factory: StackFactory, caplog: pytest.LogCaptureFixture) -> None:
+    stack_factory: StackFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="gateway.reload")
     clock = FakeClock()
     stack = await stack_factory({"oms.yaml": oms_policy(1)}, limiter=MemoryLimiter(clock))
@@ -88,8 +94,9 @@ async def test_an_invalid_edit_keeps_the_running_set_and_says_where(
     running_set = stack.running.gateway.policies
     policy_file = stack.folder / "policies" / "oms.yaml"
 
-    write_atomically(policy_file, oms_policy(1).replace("limit: 1", "limit: 0")
-                     + "    colour: blue\n")
+    write_atomically(
+        policy_file, oms_policy(1).replace("limit: 1", "limit: 0") + "    colour: blue\n"
+    )
     await wait_for(lambda: reloader.last.seq == 1, what="the failed reload")
     assert reloader.last.ok is False
     assert stack.running.gateway.policies is running_set  # not even a copy: untouched
@@ -100,8 +107,10 @@ async def test_an_invalid_edit_keeps_the_running_set_and_says_where(
     assert any(f"{policy_file}:5:" in line for line in logged)
 
     client = stack.client()
-    assert [(await stack.soap(client, "oms", OMS_RETRIEVE)).status
-            for _ in range(2)] == [200, 500]  # still limit 1
+    assert [(await stack.soap(client, "oms", OMS_RETRIEVE)).status for _ in range(2)] == [
+        200,
+        500,
+    ]  # still limit 1
 
     # the same bad content is not retried every second; a fix applies
     await asyncio.sleep(0.1)
@@ -115,7 +124,8 @@ async def test_an_invalid_edit_keeps_the_running_set_and_says_where(
 
 
 async def test_a_missing_folder_or_unreadable_yaml_keeps_the_set(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     stack = await stack_factory({"oms.yaml": oms_policy(1)})
     reloader = stack.running.reloader
     (stack.folder / "policies" / "oms.yaml").write_bytes(b"policies: [\xff\xfe")
@@ -130,8 +140,9 @@ async def test_a_missing_folder_or_unreadable_yaml_keeps_the_set(
 
 async def test_counters_and_lockouts_survive_reloads(stack_factory: StackFactory) -> None:
     clock = FakeClock()
-    stack = await stack_factory({"a-oms.yaml": OMS, "b-drrs.yaml": DRRS.format(per="30s")},
-                                limiter=MemoryLimiter(clock))
+    stack = await stack_factory(
+        {"a-oms.yaml": OMS, "b-drrs.yaml": DRRS.format(per="30s")}, limiter=MemoryLimiter(clock)
+    )
     client = stack.client()
     assert (await stack.soap(client, "drrs", DRRS_SERVICE)).status == 200
     clock.advance(5)
@@ -140,15 +151,20 @@ async def test_counters_and_lockouts_survive_reloads(stack_factory: StackFactory
 
     # an unrelated edit (a new file), then an edit of the OMS policy's own message
     (stack.folder / "policies" / "c-sibr.yaml").write_text(
-        "policies:\n  - {name: sibr, application: SIBR, limit: 5, per: 1m}\n")
+        "policies:\n  - {name: sibr, application: SIBR, limit: 5, per: 1m}\n"
+    )
     assert (await stack.running.reloader.reload("admin")).changed
-    write_atomically(stack.folder / "policies" / "a-oms.yaml",
-                     OMS + "    message: \"OMS again: {retry_after}\"\n")
+    write_atomically(
+        stack.folder / "policies" / "a-oms.yaml", OMS + '    message: "OMS again: {retry_after}"\n'
+    )
     assert (await stack.running.reloader.reload("admin")).changed
 
     clock.advance(2)  # inside the lockout (30 s from the retry) and the OMS window (5 s)
-    explained = (await admin(stack, "GET", f"/explain?identity={JDOE}&application=DRRS"
-                                           f"&service={DRRS_SERVICE}"))[1]
+    explained = (
+        await admin(
+            stack, "GET", f"/explain?identity={JDOE}&application=DRRS&service={DRRS_SERVICE}"
+        )
+    )[1]
     assert explained["state"]["locked_until"] == pytest.approx(clock.now + 28)
     rejected = await stack.soap(client, "oms", OMS_RETRIEVE)
     assert rejected.status == 500
@@ -172,10 +188,12 @@ async def test_reload_under_load_never_fails_a_call(stack_factory: StackFactory)
     }
 
     def version(index: int) -> str:
-        text = (f"policies:\n  - name: load\n    application: OMS\n"
-                f"    services: [\"Retrieve*\"]\n    limit: {3 if index == 50 else 1}\n"
-                f"    per: 1h\n"
-                f"    message: \"AUP violation v{index}: retry in {{retry_after}} s\"\n")
+        text = (
+            f"policies:\n  - name: load\n    application: OMS\n"
+            f'    services: ["Retrieve*"]\n    limit: {3 if index == 50 else 1}\n'
+            f"    per: 1h\n"
+            f'    message: "AUP violation v{index}: retry in {{retry_after}} s"\n'
+        )
         return edits[index](text) if index in invalid else text
 
     stack = await stack_factory({"load.yaml": version(0)})
@@ -197,8 +215,9 @@ async def test_reload_under_load_never_fails_a_call(stack_factory: StackFactory)
                 service = "SubmitOutage_OMSv1_AP"
             sent_under = applied
             try:
-                answer = await stack.soap(session, "oms", service,
-                                          headers={"X-Mock-Delay": "0.03"} if slow else {})
+                answer = await stack.soap(
+                    session, "oms", service, headers={"X-Mock-Delay": "0.03"} if slow else {}
+                )
                 body = (await answer.read()).decode()
             except aiohttp.ClientError as exc:
                 problems.append(f"{user}: {exc!r}")
@@ -212,8 +231,10 @@ async def test_reload_under_load_never_fails_a_call(stack_factory: StackFactory)
             else:
                 problems.append(f"{user}: {answer.status} {body[:200]}")
 
-    clients = [asyncio.create_task(participant(user))
-               for user in ("jdoex1234", "asmithx5678", "bleex4242", "monitorx0001")]
+    clients = [
+        asyncio.create_task(participant(user))
+        for user in ("jdoex1234", "asmithx5678", "bleex4242", "monitorx0001")
+    ]
     started = time.monotonic()
 
     def answered_by(version: str) -> bool:
@@ -224,8 +245,11 @@ async def test_reload_under_load_never_fails_a_call(stack_factory: StackFactory)
         for index in range(1, 51):
             before_set, before_seq = stack.running.gateway.policies, reloader.last.seq
             write_atomically(policy_file, version(index))
-            await wait_for(lambda seq=before_seq: reloader.last.seq > seq,  # type: ignore[misc]
-                           timeout=5, what=f"the reload of version {index}")
+            await wait_for(
+                lambda seq=before_seq: reloader.last.seq > seq,  # type: ignore[misc]
+                timeout=5,
+                what=f"the reload of version {index}",
+            )
             if index in invalid:
                 assert not reloader.last.ok, index
                 assert stack.running.gateway.policies is before_set, index
@@ -249,19 +273,27 @@ async def test_reload_under_load_never_fails_a_call(stack_factory: StackFactory)
     assert {seen for _, seen in faults} >= {0, 50}  # the first and the last version answered
 
     fresh = stack.client("jdoex1234")
-    statuses = [(await stack.soap(fresh, "oms", "RetrieveNeverCalled_OMSv1_AP")).status
-                for _ in range(4)]
+    statuses = [
+        (await stack.soap(fresh, "oms", "RetrieveNeverCalled_OMSv1_AP")).status for _ in range(4)
+    ]
     assert statuses == [200, 200, 200, 500]  # version 50's limit of 3
     m = samples((await admin(stack, "GET", "/metrics"))[1])
     assert value(m, "aup_policy_reloads_total", result="ok") == 45
     assert value(m, "aup_policy_reloads_total", result="failed") == 5
 
 
-async def test_sighup_reloads_a_running_server(certs: DemoCerts, upstream: Upstream,
-                                               tmp_path: Path) -> None:
+async def test_sighup_reloads_a_running_server(
+    certs: DemoCerts, upstream: Upstream, tmp_path: Path
+) -> None:
     port, admin_port = free_port(), free_port()
-    config = write_gateway(tmp_path, certs, upstream.soap_port, port=port, admin_port=admin_port,
-                           policies=oms_policy(1, "first"))
+    config = write_gateway(
+        tmp_path,
+        certs,
+        upstream.soap_port,
+        port=port,
+        admin_port=admin_port,
+        policies=oms_policy(1, "first"),
+    )
     process = serve_process(config)
     base = f"http://127.0.0.1:{admin_port}"
     try:
@@ -269,6 +301,7 @@ async def test_sighup_reloads_a_running_server(certs: DemoCerts, upstream: Upstr
         write_atomically(tmp_path / "policies" / "main.yaml", oms_policy(1, "second"))
         process.send_signal(signal.SIGHUP)
         async with aiohttp.ClientSession() as session:
+
             async def reloaded_by_sighup() -> bool:
                 async with session.get(f"{base}/policies") as answer:
                     return bool((await answer.json())["last_reload"]["reason"] == "sighup")
@@ -277,9 +310,11 @@ async def test_sighup_reloads_a_running_server(certs: DemoCerts, upstream: Upstr
         connector = aiohttp.TCPConnector(ssl=client_ssl(certs))
         async with aiohttp.ClientSession(connector=connector) as client:
             for _ in range(2):
-                async with client.post(f"https://localhost:{port}/sst/oms/{OMS_RETRIEVE}",
-                                       data=ENVELOPE.format(op="RetrieveCurrentOutages"),
-                                       headers={"Content-Type": SOAP11}) as answer:
+                async with client.post(
+                    f"https://localhost:{port}/sst/oms/{OMS_RETRIEVE}",
+                    data=ENVELOPE.format(op="RetrieveCurrentOutages"),
+                    headers={"Content-Type": SOAP11},
+                ) as answer:
                     body = await answer.text()
         assert answer.status == 500 and "OMS AUP violation second" in body
     finally:

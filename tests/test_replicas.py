@@ -55,8 +55,9 @@ def replicas(replica_factory: ReplicaFactory, redis_server: RedisServer) -> Repl
 
 
 async def readyz_all(replicas: ReplicaSet) -> list[tuple[int, dict[str, object]]]:
-    return list(await asyncio.gather(
-        *(asyncio.to_thread(replicas.readyz, r.index) for r in replicas)))
+    return list(
+        await asyncio.gather(*(asyncio.to_thread(replicas.readyz, r.index) for r in replicas))
+    )
 
 
 def store_of(body: dict[str, object]) -> dict[str, object]:
@@ -107,9 +108,11 @@ async def test_hundred_concurrent_calls_over_three_replicas_allow_exactly_the_li
     for (code, body), fallback_before in zip(after, before, strict=True):
         assert code == 200 and store_of(body)["state"] == "ok"
         assert store_of(body)["fallback_decisions"] == fallback_before  # all of it on Redis
-    print(f"\n100 calls over 3 replicas: allowed per replica "
-          f"{dict(Counter(a.replica for a in burst if a.allowed))}, slowest "
-          f"{max(a.elapsed for a in burst + drrs) * 1000:.0f} ms")
+    print(
+        f"\n100 calls over 3 replicas: allowed per replica "
+        f"{dict(Counter(a.replica for a in burst if a.allowed))}, slowest "
+        f"{max(a.elapsed for a in burst + drrs) * 1000:.0f} ms"
+    )
     replicas.assert_alive()
 
 
@@ -219,8 +222,10 @@ async def test_redis_outage_while_calls_flow(
     margin = 0.25  # a loaded 2-CPU machine runs 3 gateways, the mock, Redis and this client
 
     async def all_in(state: str) -> bool:
-        return all(code == 200 and store_of(body)["state"] == state
-                   for code, body in await readyz_all(replicas))
+        return all(
+            code == 200 and store_of(body)["state"] == state
+            for code, body in await readyz_all(replicas)
+        )
 
     async with Caller(replicas) as caller:
         traffic = Traffic(caller)
@@ -259,11 +264,13 @@ async def test_redis_outage_while_calls_flow(
     assert len(during_crash) > 50 and len(during_hang) > 50
     slowest = max(a.elapsed for a in answers)
     slowest_hang = max(a.elapsed for a in during_hang)
-    print(f"\noutage: {len(answers)} calls; crash: {len(during_crash)} calls, slowest "
-          f"{max(a.elapsed for a in during_crash) * 1000:.0f} ms, readyz fallback after "
-          f"{seen_down * 1000:.0f} ms, ok {back_after_crash * 1000:.0f} ms after restart; hang: "
-          f"{len(during_hang)} calls, slowest {slowest_hang * 1000:.0f} ms, ok "
-          f"{back_after_hang * 1000:.0f} ms after SIGCONT; slowest overall {slowest * 1000:.0f} ms")
+    print(
+        f"\noutage: {len(answers)} calls; crash: {len(during_crash)} calls, slowest "
+        f"{max(a.elapsed for a in during_crash) * 1000:.0f} ms, readyz fallback after "
+        f"{seen_down * 1000:.0f} ms, ok {back_after_crash * 1000:.0f} ms after restart; hang: "
+        f"{len(during_hang)} calls, slowest {slowest_hang * 1000:.0f} ms, ok "
+        f"{back_after_hang * 1000:.0f} ms after SIGCONT; slowest overall {slowest * 1000:.0f} ms"
+    )
     assert slowest < deadline + margin
     assert slowest_hang < timeout + margin  # a hung Redis costs the socket timeout, not more
     assert statuses == {"ready (store fallback)"}

@@ -70,25 +70,35 @@ def other_org_client(certs: DemoCerts, folder: Path) -> tuple[Path, Path]:
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    subject = x509.Name([
-        x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "OtherCo"),
-        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "people"),
-        x509.NameAttribute(NameOID.COMMON_NAME, "extx0001"),
-    ])
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "OtherCo"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "people"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "extx0001"),
+        ]
+    )
     cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(ca.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     cert_path, key_path = folder / "otherco.pem", folder / "otherco-key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return cert_path, key_path
 
 
@@ -99,8 +109,10 @@ def context_for(stack: Stack, pair: tuple[Path, Path]) -> ssl.SSLContext:
 
 
 def soap_body(op: str, ns: str = "http://schemas.xmlsoap.org/soap/envelope/") -> str:
-    return (f'<soapenv:Envelope xmlns:soapenv="{ns}"><soapenv:Header/><soapenv:Body>'
-            f'<{op} xmlns="http://www.caiso.com/soa/{op}"/></soapenv:Body></soapenv:Envelope>')
+    return (
+        f'<soapenv:Envelope xmlns:soapenv="{ns}"><soapenv:Header/><soapenv:Body>'
+        f'<{op} xmlns="http://www.caiso.com/soa/{op}"/></soapenv:Body></soapenv:Envelope>'
+    )
 
 
 def request_bytes(method: str, target: str, *headers: str, body: bytes = b"") -> bytes:
@@ -111,8 +123,9 @@ def request_bytes(method: str, target: str, *headers: str, body: bytes = b"") ->
     return "\r\n".join(lines).encode("latin-1") + body
 
 
-async def send(stack: Stack, data: bytes | list[bytes], user: str = "jdoex1234",
-               **kwargs: float) -> Answer:
+async def send(
+    stack: Stack, data: bytes | list[bytes], user: str = "jdoex1234", **kwargs: float
+) -> Answer:
     return await exchange(stack.running.port, stack.ssl_for(user), data, **kwargs)
 
 
@@ -120,7 +133,8 @@ async def send(stack: Stack, data: bytes | list[bytes], user: str = "jdoex1234",
 
 
 async def test_unprovisioned_identity_gets_403_in_its_protocol_and_is_never_forwarded(
-        stack_factory: StackFactory, seen: list[Seen]) -> None:
+    stack_factory: StackFactory, seen: list[Seen]
+) -> None:
     stack = await stack_factory({"access.yaml": ACCESS, "oms.yaml": OMS})
     jdoe = stack.client("jdoex1234")
 
@@ -142,11 +156,14 @@ async def test_unprovisioned_identity_gets_403_in_its_protocol_and_is_never_forw
     async with jdoe.get(f"{stack.url}/crr/auction/v1.0/portfolio") as ok:
         assert ok.status == 200
     assert {(s.service, s.path.split("?")[0]) for s in seen} == {
-        ("soap", "/sst/OMS/SubmitOutage_OMSv1_AP"), ("rest", "/auction/v1.0/portfolio")}
+        ("soap", "/sst/OMS/SubmitOutage_OMSv1_AP"),
+        ("rest", "/auction/v1.0/portfolio"),
+    }
 
 
 async def test_subject_patterns_and_organisations_grant_access(
-        stack_factory: StackFactory, seen: list[Seen], tmp_path: Path) -> None:
+    stack_factory: StackFactory, seen: list[Seen], tmp_path: Path
+) -> None:
     stack = await stack_factory({"access.yaml": ACCESS})
     asmith, blee = stack.client("asmithx5678"), stack.client("bleex4242")
     assert (await stack.soap(asmith, "sibr", "RetrieveCleanBidSet_SIBRv5_AP")).status == 200
@@ -166,14 +183,22 @@ async def test_subject_patterns_and_organisations_grant_access(
 
 
 async def test_without_an_access_list_every_verified_identity_may_call_everything(
-        stack_factory: StackFactory, tmp_path: Path) -> None:
+    stack_factory: StackFactory, tmp_path: Path
+) -> None:
     stack = await stack_factory(OMS)
     assert stack.running.gateway.policies.access is None
     other = context_for(stack, other_org_client(stack.certs, tmp_path))
     for app, service in (("drrs", DRRS_RETRIEVE), ("sibr", "RetrieveCleanBidSet_SIBRv5_AP")):
-        answer = await exchange(stack.running.port, other, request_bytes(
-            "POST", f"/sst/{app}/{service}", f"Content-Type: {SOAP11}",
-            body=soap_body(service).encode()))
+        answer = await exchange(
+            stack.running.port,
+            other,
+            request_bytes(
+                "POST",
+                f"/sst/{app}/{service}",
+                f"Content-Type: {SOAP11}",
+                body=soap_body(service).encode(),
+            ),
+        )
         assert answer.status == 200 and answer.forwarded
 
 
@@ -183,10 +208,13 @@ async def test_the_access_list_reloads_with_the_policies(stack_factory: StackFac
     jdoe = stack.client("jdoex1234")
     assert (await stack.soap(jdoe, "drrs", DRRS_RETRIEVE)).status == 403
 
-    (stack.folder / "policies" / "access.yaml").write_text(ACCESS + """\
+    (stack.folder / "policies" / "access.yaml").write_text(
+        ACCESS
+        + """\
   - subjects: ["CN=jdoex1234,OU=people,O=CAISO,C=US"]
     applications: [DRRS]
-""")
+"""
+    )
     gateway.policies = load_policies(gateway.settings)  # what every reload does: swap whole
     assert (await stack.soap(jdoe, "drrs", DRRS_RETRIEVE)).status == 200
 
@@ -213,26 +241,43 @@ def test_subject_patterns_match_inside_one_value_and_ignore_case() -> None:
 
 
 async def test_client_sent_identity_headers_never_reach_the_upstream(
-        stack_factory: StackFactory, seen: list[Seen]) -> None:
+    stack_factory: StackFactory, seen: list[Seen]
+) -> None:
     stack = await stack_factory(OMS)
     forged = 'Hash=00;Subject="CN=victimx0001,OU=people,O=CAISO,C=US"'
     spoofed = []
     for name in sorted(OWNED):
-        spoofed += [f"{name}: {forged}", f"{name.upper()}: {forged}",
-                    f"{name.replace('-', '_')}: {forged}", f"{name.title().replace('-', '_')}: x"]
+        spoofed += [
+            f"{name}: {forged}",
+            f"{name.upper()}: {forged}",
+            f"{name.replace('-', '_')}: {forged}",
+            f"{name.title().replace('-', '_')}: x",
+        ]
     spoofed += ["Connection: close, X-Hop-Secret", "X-Hop-Secret: forged", "X-Kept: yes"]
-    answer = await send(stack, request_bytes("POST", "/sst/oms/SubmitOutage_OMSv1_AP",
-                                             *spoofed[:95], f"Content-Type: {SOAP11}",
-                                             body=b"<x/>"))
+    answer = await send(
+        stack,
+        request_bytes(
+            "POST",
+            "/sst/oms/SubmitOutage_OMSv1_AP",
+            *spoofed[:95],
+            f"Content-Type: {SOAP11}",
+            body=b"<x/>",
+        ),
+    )
     assert answer.status == 200
     (request,) = seen
     names = [name.lower().replace("_", "-") for name, _ in request.headers]
-    gateway_own = {"x-forwarded-client-cert", "x-forwarded-for", "x-forwarded-proto",
-                   "x-request-id"}
+    gateway_own = {
+        "x-forwarded-client-cert",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-request-id",
+    }
     for name in OWNED:
         assert names.count(name) == (1 if name in gateway_own else 0), name
-    jdoe = identity_from_der(ssl.PEM_cert_to_DER_cert(
-        stack.certs.clients["jdoex1234"][0].read_text()))
+    jdoe = identity_from_der(
+        ssl.PEM_cert_to_DER_cert(stack.certs.clients["jdoex1234"][0].read_text())
+    )
     assert request.header("X-Forwarded-Client-Cert") == [jdoe.xfcc]
     assert request.header("X-Forwarded-For") == ["127.0.0.1"]
     assert "victimx0001" not in json.dumps(request.headers)
@@ -283,42 +328,64 @@ TRICKS = [
 
 
 async def test_path_tricks_never_reach_another_application_or_escape_the_prefix(
-        stack_factory: StackFactory, seen: list[Seen]) -> None:
+    stack_factory: StackFactory, seen: list[Seen]
+) -> None:
     stack = await stack_factory({"access.yaml": ACCESS})
     answers: dict[int, int] = {}
     for method, target in TRICKS:
-        answer = await send(stack, request_bytes(method, target, f"Content-Type: {SOAP11}",
-                                                 body=soap_body("RetrieveDRLocations").encode()))
+        answer = await send(
+            stack,
+            request_bytes(
+                method,
+                target,
+                f"Content-Type: {SOAP11}",
+                body=soap_body("RetrieveDRLocations").encode(),
+            ),
+        )
         assert answer.status is not None and 400 <= answer.status < 500, (method, target, answer)
         assert not answer.forwarded, target
         answers[answer.status] = answers.get(answer.status, 0) + 1
     assert seen == []  # nothing reached any upstream
     assert answers[403] == 2  # only the plain calls got as far as the access list
     # and a query cannot move the path: it is forwarded exactly as sent
-    answer = await send(stack, request_bytes(
-        "POST", f"/sst/oms/{OMS_RETRIEVE}?/../../drrs/x=%0d%0aInjected:%20yes",
-        f"Content-Type: {SOAP11}", body=soap_body("RetrieveCurrentOutages").encode()))
+    answer = await send(
+        stack,
+        request_bytes(
+            "POST",
+            f"/sst/oms/{OMS_RETRIEVE}?/../../drrs/x=%0d%0aInjected:%20yes",
+            f"Content-Type: {SOAP11}",
+            body=soap_body("RetrieveCurrentOutages").encode(),
+        ),
+    )
     assert answer.status == 200
     assert [s.path for s in seen] == [
-        f"/sst/oms/{OMS_RETRIEVE}?/../../drrs/x=%0d%0aInjected:%20yes"]
+        f"/sst/oms/{OMS_RETRIEVE}?/../../drrs/x=%0d%0aInjected:%20yes"
+    ]
 
 
-@pytest.mark.parametrize("header_block", [
-    b"X-A: 1\r\n X-Forwarded-Client-Cert: forged\r\n",  # obs-fold continuation
-    b"X-A: 1\rX-Forwarded-Client-Cert: forged\r\n",  # bare CR
-    b"X-A: 1\nX-Forwarded-Client-Cert: forged\r\n",  # bare LF
-    b"X-Forwarded-Client-Cert : forged\r\n",  # space before the colon
-    b"X-A: a\x00b\r\n",  # NUL in a value
-    b"Host: evil.example\r\n",  # a second Host
-    b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",  # request smuggling
-    b"Content-Length: 4\r\nContent-Length: 5\r\n",
-    b"Transfer-Encoding: chunked, identity\r\n",
-])
+@pytest.mark.parametrize(
+    "header_block",
+    [
+        b"X-A: 1\r\n X-Forwarded-Client-Cert: forged\r\n",  # obs-fold continuation
+        b"X-A: 1\rX-Forwarded-Client-Cert: forged\r\n",  # bare CR
+        b"X-A: 1\nX-Forwarded-Client-Cert: forged\r\n",  # bare LF
+        b"X-Forwarded-Client-Cert : forged\r\n",  # space before the colon
+        b"X-A: a\x00b\r\n",  # NUL in a value
+        b"Host: evil.example\r\n",  # a second Host
+        b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",  # request smuggling
+        b"Content-Length: 4\r\nContent-Length: 5\r\n",
+        b"Transfer-Encoding: chunked, identity\r\n",
+    ],
+)
 async def test_crlf_and_malformed_header_lines_are_refused_before_routing(
-        stack_factory: StackFactory, seen: list[Seen], header_block: bytes) -> None:
+    stack_factory: StackFactory, seen: list[Seen], header_block: bytes
+) -> None:
     stack = await stack_factory(OMS)
-    data = (f"POST /sst/oms/{OMS_RETRIEVE} HTTP/1.1\r\nHost: localhost\r\n".encode()
-            + header_block + b"Connection: close\r\n\r\n0\r\n\r\n")
+    data = (
+        f"POST /sst/oms/{OMS_RETRIEVE} HTTP/1.1\r\nHost: localhost\r\n".encode()
+        + header_block
+        + b"Connection: close\r\n\r\n0\r\n\r\n"
+    )
     answer = await send(stack, data)
     assert answer.status == 400 and not answer.forwarded
     assert answer.headers["content-type"].startswith("application/problem+json")
@@ -328,28 +395,39 @@ async def test_crlf_and_malformed_header_lines_are_refused_before_routing(
 
 @pytest.mark.parametrize("version", ["", " HTTP/0.9", " HTTP/2.0", " HTTP/1.2", " http/1.1"])
 async def test_request_lines_other_than_http_1_0_and_1_1_are_refused(
-        stack_factory: StackFactory, seen: list[Seen], version: str) -> None:
+    stack_factory: StackFactory, seen: list[Seen], version: str
+) -> None:
     stack = await stack_factory(OMS)
-    answer = await send(stack, f"POST /sst/oms/SubmitOutage_OMSv1_AP{version}\r\nHost: x\r\n"
-                               "Connection: close\r\n\r\n".encode())
+    answer = await send(
+        stack,
+        f"POST /sst/oms/SubmitOutage_OMSv1_AP{version}\r\nHost: x\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    )
     assert answer.status in (400, 505) and not answer.forwarded
     assert answer.raw.startswith(b"HTTP/1.")  # an HTTP/1 answer, not one echoing the version
     assert seen == []
 
 
 async def test_host_header_and_absolute_form_cannot_pick_the_upstream(
-        stack_factory: StackFactory, seen: list[Seen]) -> None:
+    stack_factory: StackFactory, seen: list[Seen]
+) -> None:
     stack = await stack_factory(OMS)
-    answer = await send(stack, f"POST /sst/oms/SubmitOutage_OMSv1_AP HTTP/1.1\r\n"
-                               f"Host: drrs.internal.example\r\nContent-Type: {SOAP11}\r\n"
-                               "Content-Length: 4\r\nConnection: close\r\n\r\n<x/>".encode())
+    answer = await send(
+        stack,
+        f"POST /sst/oms/SubmitOutage_OMSv1_AP HTTP/1.1\r\n"
+        f"Host: drrs.internal.example\r\nContent-Type: {SOAP11}\r\n"
+        "Content-Length: 4\r\nConnection: close\r\n\r\n<x/>".encode(),
+    )
     assert answer.status == 200
     (request,) = seen
     host = request.header("Host")
     assert host and host[0].startswith("127.0.0.1:")  # the upstream's own authority
     assert request.path == "/sst/oms/SubmitOutage_OMSv1_AP"
-    no_host = await send(stack, b"POST /sst/oms/SubmitOutage_OMSv1_AP HTTP/1.1\r\n"
-                                b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    no_host = await send(
+        stack,
+        b"POST /sst/oms/SubmitOutage_OMSv1_AP HTTP/1.1\r\n"
+        b"Content-Length: 0\r\nConnection: close\r\n\r\n",
+    )
     assert no_host.status == 400 and len(seen) == 1  # HTTP/1.1 requires one Host
 
 
@@ -371,9 +449,11 @@ BILLION_LAUGHS = """<?xml version="1.0"?>
 <soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body>
 <RetrieveCurrentOutages>&lol9;</RetrieveCurrentOutages></soapenv:Body></soapenv:Envelope>"""
 
-QUADRATIC = ('<?xml version="1.0"?><!DOCTYPE k [<!ENTITY a "' + "x" * 50_000 + '">]>'
-             '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
-             "<soapenv:Body><R>" + "&a;" * 10_000 + "</R></soapenv:Body></soapenv:Envelope>")
+QUADRATIC = (
+    '<?xml version="1.0"?><!DOCTYPE k [<!ENTITY a "' + "x" * 50_000 + '">]>'
+    '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
+    "<soapenv:Body><R>" + "&a;" * 10_000 + "</R></soapenv:Body></soapenv:Envelope>"
+)
 
 XXE = """<?xml version="1.0"?>
 <!DOCTYPE r [<!ENTITY file SYSTEM "file:///etc/passwd">
@@ -385,13 +465,16 @@ XXE = """<?xml version="1.0"?>
 
 @pytest.mark.parametrize("content_type", [SOAP11, SOAP12])
 async def test_entity_expansion_gets_a_soap_fault_in_bounded_time_and_memory(
-        stack_factory: StackFactory, seen: list[Seen], content_type: str) -> None:
+    stack_factory: StackFactory, seen: list[Seen], content_type: str
+) -> None:
     stack = await stack_factory(OMS)
     before = vmrss_kib()
     for body in (BILLION_LAUGHS, QUADRATIC):
         started = time.monotonic()
-        answer = await send(stack, request_bytes(
-            "POST", "/sst/oms", f"Content-Type: {content_type}", body=body.encode()))
+        answer = await send(
+            stack,
+            request_bytes("POST", "/sst/oms", f"Content-Type: {content_type}", body=body.encode()),
+        )
         assert time.monotonic() - started < 1.0
         assert answer.status == 400 and not answer.forwarded
         root = ElementTree.fromstring(answer.body)
@@ -402,74 +485,131 @@ async def test_entity_expansion_gets_a_soap_fault_in_bounded_time_and_memory(
 
 
 async def test_external_entities_are_refused_never_fetched_or_echoed(
-        stack_factory: StackFactory, seen: list[Seen]) -> None:
+    stack_factory: StackFactory, seen: list[Seen]
+) -> None:
     stack = await stack_factory(OMS)
     port = stack.running.gateway.settings.applications["OMS"].upstream.rsplit(":", 1)[1]
-    answer = await send(stack, request_bytes("POST", "/sst/oms", f"Content-Type: {SOAP11}",
-                                             'SOAPAction: ""', body=XXE.format(port=port).encode()))
+    answer = await send(
+        stack,
+        request_bytes(
+            "POST",
+            "/sst/oms",
+            f"Content-Type: {SOAP11}",
+            'SOAPAction: ""',
+            body=XXE.format(port=port).encode(),
+        ),
+    )
     assert answer.status == 400 and not answer.forwarded
     assert b"root:" not in answer.body
     assert seen == []  # neither forwarded nor fetched by an entity resolver
 
 
 async def test_service_from_the_soap_body_is_routed_limited_and_forwarded_whole(
-        stack_factory: StackFactory, seen: list[Seen]) -> None:
+    stack_factory: StackFactory, seen: list[Seen]
+) -> None:
     clock = FakeClock()
     stack = await stack_factory(OMS, limiter=MemoryLimiter(clock))
     security = "<wsse:Security xmlns:wsse='urn:wsse'>" + "A" * 20_000 + "</wsse:Security>"
-    small = soap_body("RetrieveCurrentOutages").replace("<soapenv:Header/>",
-                                                        f"<soapenv:Header>{security}</soapenv:Header>")
-    first = await send(stack, request_bytes("POST", "/sst/oms", f"Content-Type: {SOAP11}",
-                                            body=small.encode()))
+    small = soap_body("RetrieveCurrentOutages").replace(
+        "<soapenv:Header/>", f"<soapenv:Header>{security}</soapenv:Header>"
+    )
+    first = await send(
+        stack, request_bytes("POST", "/sst/oms", f"Content-Type: {SOAP11}", body=small.encode())
+    )
     # (the mock itself cannot tell the service without a SOAPAction: it answers a fault)
     assert first.forwarded
     assert first.headers["x-echo-body-sha256"] == hashlib.sha256(small.encode()).hexdigest()
-    again = await send(stack, request_bytes("POST", "/sst/oms", f"Content-Type: {SOAP11}",
-                                            body=small.encode()))
+    again = await send(
+        stack, request_bytes("POST", "/sst/oms", f"Content-Type: {SOAP11}", body=small.encode())
+    )
     assert again.status == 500 and not again.forwarded  # the OMS policy, on the Body's service
     assert "RetrieveCurrentOutages" in again.body.decode() and "Retry-After" in again.raw.decode()
 
     # a large chunked SOAP 1.2 body: the prefix read for routing goes upstream before the rest
-    payload = soap_body("SubmitOutage", "http://www.w3.org/2003/05/soap-envelope").replace(
-        "/></soapenv:Body>", ">" + "<item>0123456789</item>" * 60_000 + "</SubmitOutage>"
-        "</soapenv:Body>").encode()
-    chunks = b"".join(b"%x\r\n%s\r\n" % (len(payload[i:i + 7000]), payload[i:i + 7000])
-                      for i in range(0, len(payload), 7000))
-    big = await send(stack, f"POST /sst/oms HTTP/1.1\r\nHost: x\r\nContent-Type: {SOAP12}\r\n"
-                            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode()
-                     + chunks + b"0\r\n\r\n")
+    payload = (
+        soap_body("SubmitOutage", "http://www.w3.org/2003/05/soap-envelope")
+        .replace(
+            "/></soapenv:Body>",
+            ">" + "<item>0123456789</item>" * 60_000 + "</SubmitOutage></soapenv:Body>",
+        )
+        .encode()
+    )
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(payload[i : i + 7000]), payload[i : i + 7000])
+        for i in range(0, len(payload), 7000)
+    )
+    big = await send(
+        stack,
+        f"POST /sst/oms HTTP/1.1\r\nHost: x\r\nContent-Type: {SOAP12}\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode()
+        + chunks
+        + b"0\r\n\r\n",
+    )
     assert big.forwarded, big
     assert big.headers["x-echo-body-length"] == str(len(payload))
     assert big.headers["x-echo-body-sha256"] == hashlib.sha256(payload).hexdigest()
 
     # SOAP with attachments: the service is read from the root part
     boundary = "MIMEBoundary_aup"
-    package = (f"--{boundary}\r\nContent-Type: text/xml; charset=UTF-8\r\nContent-ID: <root>\r\n"
-               f"\r\n{soap_body('SubmitBid')}\r\n--{boundary}--\r\n").encode()
-    swa = await send(stack, request_bytes(
-        "POST", "/sst/oms", f'Content-Type: multipart/related; type="text/xml"; '
-        f'boundary="{boundary}"', body=package))
+    package = (
+        f"--{boundary}\r\nContent-Type: text/xml; charset=UTF-8\r\nContent-ID: <root>\r\n"
+        f"\r\n{soap_body('SubmitBid')}\r\n--{boundary}--\r\n"
+    ).encode()
+    swa = await send(
+        stack,
+        request_bytes(
+            "POST",
+            "/sst/oms",
+            f'Content-Type: multipart/related; type="text/xml"; boundary="{boundary}"',
+            body=package,
+        ),
+    )
     assert swa.forwarded and swa.headers["x-echo-body-length"] == str(len(package))
     assert [s.path for s in seen] == ["/sst/oms"] * 3
 
 
-@pytest.mark.parametrize(("body", "content_type", "status", "code"), [
-    ('<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
-     "<soapenv:Body/></soapenv:Envelope>", SOAP11, 404, "UNKNOWN-SERVICE"),
-    ("<notsoap><Body><RetrieveX/></Body></notsoap>", SOAP11, 400, "BAD-XML"),
-    ("<soapenv:Envelope xmlns:soapenv='http://schemas.xmlsoap.org/soap/envelope/'><soapenv:Body>"
-     "<Retrieve&undefined;/>", SOAP11, 400, "BAD-XML"),
-    ('{"service": "RetrieveCurrentOutages"}', "application/json", 404, "UNKNOWN-SERVICE"),
-    ('<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
-     "<soapenv:Header>" + "<pad/>" * 20_000 + "</soapenv:Header><soapenv:Body><RetrieveX/>"
-     "</soapenv:Body></soapenv:Envelope>", SOAP11, 404, "UNKNOWN-SERVICE"),  # past 64 KiB
-])
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "code"),
+    [
+        (
+            '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
+            "<soapenv:Body/></soapenv:Envelope>",
+            SOAP11,
+            404,
+            "UNKNOWN-SERVICE",
+        ),
+        ("<notsoap><Body><RetrieveX/></Body></notsoap>", SOAP11, 400, "BAD-XML"),
+        (
+            "<soapenv:Envelope xmlns:soapenv='http://schemas.xmlsoap.org/soap/envelope/'><soapenv:Body>"
+            "<Retrieve&undefined;/>",
+            SOAP11,
+            400,
+            "BAD-XML",
+        ),
+        ('{"service": "RetrieveCurrentOutages"}', "application/json", 404, "UNKNOWN-SERVICE"),
+        (
+            '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
+            "<soapenv:Header>" + "<pad/>" * 20_000 + "</soapenv:Header><soapenv:Body><RetrieveX/>"
+            "</soapenv:Body></soapenv:Envelope>",
+            SOAP11,
+            404,
+            "UNKNOWN-SERVICE",
+        ),  # past 64 KiB
+    ],
+)
 async def test_a_body_that_names_no_service_is_refused(
-        stack_factory: StackFactory, seen: list[Seen], body: str, content_type: str, status: int,
-        code: str) -> None:
+    stack_factory: StackFactory,
+    seen: list[Seen],
+    body: str,
+    content_type: str,
+    status: int,
+    code: str,
+) -> None:
     stack = await stack_factory(OMS)
-    answer = await send(stack, request_bytes("POST", "/sst/oms", f"Content-Type: {content_type}",
-                                             body=body.encode()))
+    answer = await send(
+        stack,
+        request_bytes("POST", "/sst/oms", f"Content-Type: {content_type}", body=body.encode()),
+    )
     assert answer.status == status and not answer.forwarded
     assert code in answer.body.decode()
     assert seen == []

@@ -69,19 +69,28 @@ async def counting_upstream() -> AsyncIterator[CountingUpstream]:
     await runner.cleanup()
 
 
-async def _call(certs: DemoCerts, port: int, service: str, delay: float = 0.0,
-                user: str = "jdoex1234") -> tuple[int, str, str]:
+async def _call(
+    certs: DemoCerts, port: int, service: str, delay: float = 0.0, user: str = "jdoex1234"
+) -> tuple[int, str, str]:
     """One call on its own connection: (status, X-Request-Id, echo path or '')."""
     headers = {"Content-Type": SOAP11}
     if delay:
         headers["X-Mock-Delay"] = str(delay)
     connector = aiohttp.TCPConnector(ssl=client_ssl(certs, user), force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session, session.post(
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.post(
             f"https://localhost:{port}/sst/oms/{service}",
-            data=ENVELOPE.format(op=service.split("_")[0]), headers=headers) as answer:
+            data=ENVELOPE.format(op=service.split("_")[0]),
+            headers=headers,
+        ) as answer,
+    ):
         await answer.read()
-        return (answer.status, answer.headers.get("X-Request-Id", ""),
-                answer.headers.get("X-Echo-Path", ""))
+        return (
+            answer.status,
+            answer.headers.get("X-Request-Id", ""),
+            answer.headers.get("X-Echo-Path", ""),
+        )
 
 
 async def _refused(port: int) -> bool:
@@ -94,10 +103,18 @@ async def _refused(port: int) -> bool:
 
 
 async def test_sigterm_lets_every_call_in_flight_complete_then_exits_0(
-        certs: DemoCerts, counting_upstream: CountingUpstream, tmp_path: Path) -> None:
+    certs: DemoCerts, counting_upstream: CountingUpstream, tmp_path: Path
+) -> None:
     port, admin_port = free_port(), free_port()
-    config = write_gateway(tmp_path, certs, counting_upstream.port, port=port,
-                           admin_port=admin_port, policies=OMS, extra="drain_timeout: 10s\n")
+    config = write_gateway(
+        tmp_path,
+        certs,
+        counting_upstream.port,
+        port=port,
+        admin_port=admin_port,
+        policies=OMS,
+        extra="drain_timeout: 10s\n",
+    )
     process = serve_process(config)
     try:
         await wait_ready(admin_port, process)
@@ -108,8 +125,11 @@ async def test_sigterm_lets_every_call_in_flight_complete_then_exits_0(
 
         arrived = counting_upstream.arrived
         calls = [asyncio.create_task(_call(certs, port, SUBMIT, delay=1.0)) for _ in range(8)]
-        await wait_for(lambda: counting_upstream.arrived == arrived + 8, timeout=10,
-                       what="8 calls in flight at the upstream")
+        await wait_for(
+            lambda: counting_upstream.arrived == arrived + 8,
+            timeout=10,
+            what="8 calls in flight at the upstream",
+        )
         assert counting_upstream.finished == arrived
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -128,22 +148,33 @@ async def test_sigterm_lets_every_call_in_flight_complete_then_exits_0(
             process.wait()
     log = process.stderr.read() if process.stderr else ""
     assert "finishing in-flight calls" in log and "stopped after" in log
-    entries = [LedgerEntry.from_json(line) for line in
-               (tmp_path / "var" / "ledger.jsonl").read_text().splitlines()]
+    entries = [
+        LedgerEntry.from_json(line)
+        for line in (tmp_path / "var" / "ledger.jsonl").read_text().splitlines()
+    ]
     assert [e.request_id for e in entries if e] == [fault_id]
 
 
 async def test_the_drain_is_bounded_by_drain_timeout(
-        certs: DemoCerts, counting_upstream: CountingUpstream, tmp_path: Path) -> None:
+    certs: DemoCerts, counting_upstream: CountingUpstream, tmp_path: Path
+) -> None:
     port, admin_port = free_port(), free_port()
-    config = write_gateway(tmp_path, certs, counting_upstream.port, port=port,
-                           admin_port=admin_port, policies=OMS, extra="drain_timeout: 500ms\n")
+    config = write_gateway(
+        tmp_path,
+        certs,
+        counting_upstream.port,
+        port=port,
+        admin_port=admin_port,
+        policies=OMS,
+        extra="drain_timeout: 500ms\n",
+    )
     process = serve_process(config)
     try:
         await wait_ready(admin_port, process)
         stuck = asyncio.create_task(_call(certs, port, SUBMIT, delay=30))
-        await wait_for(lambda: counting_upstream.arrived == 1, timeout=10,
-                       what="the call in flight")
+        await wait_for(
+            lambda: counting_upstream.arrived == 1, timeout=10, what="the call in flight"
+        )
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         returncode = await asyncio.to_thread(process.wait, 15)
@@ -158,22 +189,39 @@ async def test_the_drain_is_bounded_by_drain_timeout(
 
 
 def test_workers_are_refused_for_the_memory_store(certs: DemoCerts, tmp_path: Path) -> None:
-    config = write_gateway(tmp_path, certs, 9, port=free_port(), admin_port=free_port(),
-                           policies=OMS)
-    done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--workers", "2",
-                           "--config", str(config)], capture_output=True, text=True,
-                          timeout=60, check=False, cwd=Path(__file__).parents[1])
+    config = write_gateway(
+        tmp_path, certs, 9, port=free_port(), admin_port=free_port(), policies=OMS
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--workers", "2", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).parents[1],
+    )
     assert done.returncode == 1
     assert "--workers 2 needs a shared store (redis://...)" in done.stderr
     assert "memory store keeps its counters per process" in done.stderr
 
 
 async def test_workers_share_one_port_with_exact_limits_on_redis(
-        certs: DemoCerts, counting_upstream: CountingUpstream, tmp_path: Path,
-        redis_url: str, redis_server: RedisServer) -> None:
+    certs: DemoCerts,
+    counting_upstream: CountingUpstream,
+    tmp_path: Path,
+    redis_url: str,
+    redis_server: RedisServer,
+) -> None:
     port, admin_port = free_port(), free_port(consecutive=2)
-    config = write_gateway(tmp_path, certs, counting_upstream.port, port=port,
-                           admin_port=admin_port, policies=OMS, store=redis_url)
+    config = write_gateway(
+        tmp_path,
+        certs,
+        counting_upstream.port,
+        port=port,
+        admin_port=admin_port,
+        policies=OMS,
+        store=redis_url,
+    )
     process = serve_process(config, "--workers", "2")
     try:
         first = await wait_ready(admin_port, process)
@@ -190,9 +238,18 @@ async def test_workers_share_one_port_with_exact_limits_on_redis(
             for admin in (admin_port, admin_port + 1):
                 async with session.get(f"http://127.0.0.1:{admin}/metrics") as answer:
                     m = samples(await answer.text())
-                counts.append(sum(value(m, "aup_requests_total", application="OMS",
-                                        service=OMS_RETRIEVE, decision=d)
-                                  for d in ("allowed", "rejected")))
+                counts.append(
+                    sum(
+                        value(
+                            m,
+                            "aup_requests_total",
+                            application="OMS",
+                            service=OMS_RETRIEVE,
+                            decision=d,
+                        )
+                        for d in ("allowed", "rejected")
+                    )
+                )
         assert sum(counts) == 24 and min(counts) > 0  # both workers served calls
 
         async def ledgered() -> bool:
@@ -206,6 +263,7 @@ async def test_workers_share_one_port_with_exact_limits_on_redis(
         process.send_signal(signal.SIGHUP)
         async with aiohttp.ClientSession() as session:
             for admin in (admin_port, admin_port + 1):
+
                 async def reloaded(url: str = f"http://127.0.0.1:{admin}/policies") -> bool:
                     async with session.get(url) as answer:
                         body = await answer.json()
@@ -241,16 +299,23 @@ async def wait_ready_with_new_pid(admin_port: int, old_pid: int) -> dict[str, ob
     return await wait_ready(admin_port)
 
 
-def test_a_worker_that_cannot_start_stops_the_set(certs: DemoCerts, tmp_path: Path,
-                                                   redis_url: str) -> None:
+def test_a_worker_that_cannot_start_stops_the_set(
+    certs: DemoCerts, tmp_path: Path, redis_url: str
+) -> None:
     port, admin_port = free_port(), free_port(consecutive=2)
-    config = write_gateway(tmp_path, certs, 9, port=port, admin_port=admin_port, policies=OMS,
-                           store=redis_url)
+    config = write_gateway(
+        tmp_path, certs, 9, port=port, admin_port=admin_port, policies=OMS, store=redis_url
+    )
     with socket.socket() as taken:  # worker 1's admin port is in use
         taken.bind(("127.0.0.1", admin_port + 1))
         taken.listen()
-        done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--workers", "2",
-                               "--config", str(config)], capture_output=True, text=True,
-                              timeout=60, check=False, cwd=Path(__file__).parents[1])
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--workers", "2", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=Path(__file__).parents[1],
+        )
     assert done.returncode == 1
     assert "worker 1 exited with 1 before it was serving: stopping all workers" in done.stderr

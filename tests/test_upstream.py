@@ -134,12 +134,23 @@ class Env:
         self._mocks.append(await start_mock_upstream("127.0.0.1", 0, 0))
         return self._mocks[-1]
 
-    def pool(self, url: str, size: int = 10, connect_timeout: float = 2.0,
-             read_timeout: float = 2.0, idle_timeout: float = 30.0,
-             ssl_context: ssl.SSLContext | None = None) -> UpstreamPool:
-        pool = UpstreamPool(url, size=size, connect_timeout=connect_timeout,
-                            read_timeout=read_timeout, idle_timeout=idle_timeout,
-                            ssl_context=ssl_context)
+    def pool(
+        self,
+        url: str,
+        size: int = 10,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 2.0,
+        idle_timeout: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> UpstreamPool:
+        pool = UpstreamPool(
+            url,
+            size=size,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            idle_timeout=idle_timeout,
+            ssl_context=ssl_context,
+        )
         self._pools.append(pool)
         return pool
 
@@ -153,12 +164,15 @@ class Env:
 
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
 Scenario = Callable[[Env], Awaitable[None]]
 
 
 def on_both_loops(scenario: Scenario) -> Callable[[str], None]:
     """A test that runs `scenario` once on each loop, each run in a fresh Env."""
+
     async def within_env() -> None:
         env = Env()
         try:
@@ -177,10 +191,14 @@ def on_both_loops(scenario: Scenario) -> Callable[[str], None]:
     return test
 
 
-async def get(pool: UpstreamPool, target: str = "/", method: str = "GET",
-              headers: tuple[tuple[str, str], ...] = (),
-              body: bytes | AsyncIterator[bytes] | None = None,
-              content_length: int | None = None) -> tuple[int, dict[str, str], bytes]:
+async def get(
+    pool: UpstreamPool,
+    target: str = "/",
+    method: str = "GET",
+    headers: tuple[tuple[str, str], ...] = (),
+    body: bytes | AsyncIterator[bytes] | None = None,
+    content_length: int | None = None,
+) -> tuple[int, dict[str, str], bytes]:
     response = await pool.request(method, target, headers, body, content_length=content_length)
     data = await response.read_all()
     named = {name.decode().lower(): value.decode() for name, value in response.headers}
@@ -189,7 +207,7 @@ async def get(pool: UpstreamPool, target: str = "/", method: str = "GET",
 
 async def stream(data: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
     for start in range(0, len(data), size):
-        yield data[start:start + size]
+        yield data[start : start + size]
         await asyncio.sleep(0)
 
 
@@ -216,18 +234,26 @@ async def test_requests_reach_the_mock_intact_with_bodies_buffered_and_streamed(
     data = bytes(range(256)) * 8192  # 2 MiB
     digest = hashlib.sha256(data).hexdigest()
     cases: list[tuple[bytes | AsyncIterator[bytes], int | None, str]] = [
-        (data[:1000], None, "1000"), (stream(data), None, "chunked"),
-        (stream(data), len(data), str(len(data)))]
+        (data[:1000], None, "1000"),
+        (stream(data), None, "chunked"),
+        (stream(data), len(data), str(len(data))),
+    ]
     for body, length, framing in cases:
-        status, headers, _ = await get(pool, "/_mock/echo?q=%2F&x=a%20b", "POST",
-                                       (("X-Custom", "kept"), ("X-Custom", "twice")),
-                                       body, length)
+        status, headers, _ = await get(
+            pool,
+            "/_mock/echo?q=%2F&x=a%20b",
+            "POST",
+            (("X-Custom", "kept"), ("X-Custom", "twice")),
+            body,
+            length,
+        )
         assert status == 200
         assert headers["x-echo-path"] == "/_mock/echo?q=%2F&x=a%20b"
         size = 1000 if framing == "1000" else len(data)
         assert headers["x-echo-body-length"] == str(size)
-        assert headers["x-echo-body-sha256"] == (digest if size == len(data) else
-                                                 hashlib.sha256(data[:1000]).hexdigest())
+        assert headers["x-echo-body-sha256"] == (
+            digest if size == len(data) else hashlib.sha256(data[:1000]).hexdigest()
+        )
         echoed = headers["x-echo-headers"]
         assert '"X-Custom":"kept, twice"' in echoed
         assert ('"Transfer-Encoding":"chunked"' in echoed) == (framing == "chunked")
@@ -287,10 +313,10 @@ async def test_idle_connections_are_closed_after_the_idle_timeout(env: Env) -> N
 
 @on_both_loops
 async def test_a_kept_alive_connection_closed_before_answering_is_retried_once_on_a_fresh_one(
-        env: Env) -> None:
+    env: Env,
+) -> None:
     # The keep-alive race: the upstream drops the idle connection just as the request arrives.
-    async def second_dropped(request: RawRequest, index: int,
-                             writer: asyncio.StreamWriter) -> bool:
+    async def second_dropped(request: RawRequest, index: int, writer: asyncio.StreamWriter) -> bool:
         if index == 1:
             return False  # closed without a byte of answer
         return await ok(request, index, writer)
@@ -301,7 +327,10 @@ async def test_a_kept_alive_connection_closed_before_answering_is_retried_once_o
     status, _, body = await get(pool, "/two", "POST", body=b"<x/>")  # buffered: replayable
     assert (status, body) == (200, b"POST /two #0")
     assert upstream.accepted == 2 and [r.target for r in upstream.requests] == [
-        "/one", "/two", "/two"]
+        "/one",
+        "/two",
+        "/two",
+    ]
     # a streamed body is gone once sent: no second attempt, the failure is reported
     with pytest.raises(UpstreamFailed):
         await get(pool, "/three", "POST", body=stream(b"abc"))
@@ -315,8 +344,9 @@ async def test_a_kept_alive_connection_closed_before_answering_is_retried_once_o
 
 @on_both_loops
 async def test_an_idle_connection_the_upstream_closes_leaves_the_pool(env: Env) -> None:
-    async def answer_then_close(request: RawRequest, index: int,
-                                writer: asyncio.StreamWriter) -> bool:
+    async def answer_then_close(
+        request: RawRequest, index: int, writer: asyncio.StreamWriter
+    ) -> bool:
         await ok(request, index, writer)
         await asyncio.sleep(0.05)
         return False  # a keep-alive answer, then the close (an upstream's own idle timeout)
@@ -331,7 +361,8 @@ async def test_an_idle_connection_the_upstream_closes_leaves_the_pool(env: Env) 
 
 @on_both_loops
 async def test_connection_close_is_honoured_even_if_the_upstream_keeps_the_socket_open(
-        env: Env) -> None:
+    env: Env,
+) -> None:
     async def says_close(request: RawRequest, index: int, writer: asyncio.StreamWriter) -> bool:
         writer.write(answer(b"bye", "Connection: close"))
         await writer.drain()
@@ -392,8 +423,10 @@ async def test_informational_answers_are_skipped(env: Env) -> None:
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         await writer.drain()
         await asyncio.sleep(0.01)
-        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"
-                     + answer(b"final", "X-Final: 1", status="201 Created"))
+        writer.write(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"
+            + answer(b"final", "X-Final: 1", status="201 Created")
+        )
         return True
 
     upstream = await env.raw(hints)
@@ -548,8 +581,9 @@ async def test_truncated_and_unparseable_answers_fail(env: Env) -> None:
         elif request.target == "/short":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
         elif request.target == "/upgrade":
-            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
-                         b"Connection: upgrade\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n"
+            )
         await writer.drain()
         await asyncio.sleep(0.05)
         return False
@@ -571,8 +605,11 @@ async def test_truncated_and_unparseable_answers_fail(env: Env) -> None:
 async def test_a_line_break_in_the_head_is_refused_before_anything_is_sent(env: Env) -> None:
     upstream = await env.raw(ok)
     pool = env.pool(upstream.url)
-    for headers in ((("X-Subject", "CN=a\r\nX-Forwarded-Client-Cert: forged"),),
-                    (("X-Subject", "a\rb"),), (("X-Sub\nject", "a"),)):
+    for headers in (
+        (("X-Subject", "CN=a\r\nX-Forwarded-Client-Cert: forged"),),
+        (("X-Subject", "a\rb"),),
+        (("X-Sub\nject", "a"),),
+    ):
         with pytest.raises(UpstreamFailed):
             await pool.request("GET", "/", headers)
     with pytest.raises(UpstreamFailed):
@@ -608,7 +645,8 @@ async def test_an_https_upstream_is_verified_and_kept_alive(certs: DemoCerts) ->
         for _ in range(3):
             assert (await get(pool, "/x?y=1"))[2].startswith(b"GET /base/x?y=1 #")
         assert upstream.accepted == 1 and upstream.requests[0].headers["host"] == (
-            f"localhost:{port}")
+            f"localhost:{port}"
+        )
         # the system's trust store does not know the demo CA: refused at the handshake
         with pytest.raises(UpstreamFailed):
             await get(env.pool(f"https://localhost:{port}"))
@@ -621,14 +659,16 @@ async def test_an_https_upstream_is_verified_and_kept_alive(certs: DemoCerts) ->
 
 
 async def test_the_gateway_keeps_one_upstream_connection_and_cuts_the_client_on_a_broken_answer(
-        stack_factory: StackFactory) -> None:
+    stack_factory: StackFactory,
+) -> None:
     async def script(request: RawRequest, index: int, writer: asyncio.StreamWriter) -> bool:
         if "Broken" in request.target:  # promises 1 MB, sends 300 KB, closes
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 300_000)
             await writer.drain()
             return False
-        writer.write(answer(b"<ok/>", "Content-Type: text/xml", "Connection: keep-alive",
-                            "X-Upstream: 1"))
+        writer.write(
+            answer(b"<ok/>", "Content-Type: text/xml", "Connection: keep-alive", "X-Upstream: 1")
+        )
         return True
 
     env = Env()
@@ -645,8 +685,9 @@ async def test_the_gateway_keeps_one_upstream_connection_and_cuts_the_client_on_
     assert seen.headers["host"] == f"127.0.0.1:{upstream.port}"
     assert seen.headers["content-type"] == SOAP11 and "x-forwarded-client-cert" in seen.headers
 
-    with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
-                        ssl.SSLError, ConnectionError)):
+    with pytest.raises(
+        (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, ssl.SSLError, ConnectionError)
+    ):
         broken = await stack.soap(client, "oms", "SubmitBroken_OMSv1_AP")
         await broken.read()
     # and the gateway carries on

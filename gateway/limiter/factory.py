@@ -313,7 +313,7 @@ def _sentinel(store: StoreSettings, parts: SplitResult, clock: Clock) -> tuple[L
         "username": own.get("sentinel_username"),
         "password": own.get("sentinel_password"),
     }
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+    sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]  # untyped in some redis-py
         nodes,
         sentinel_kwargs={**timeouts, **sentinel_auth},
         **timeouts,

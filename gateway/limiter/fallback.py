@@ -136,8 +136,11 @@ class ResilientLimiter:
         locks = self.locks
         # With a reset policy, the cache answers only while the early retry it must record can
         # go in the background; when too many are queued the caller waits for the store.
-        if locks is not None and now is None and not (
-                rate.reset_on_early_retry and len(self._retries) >= _MAX_BACKGROUND):
+        if (
+            locks is not None
+            and now is None
+            and not (rate.reset_on_early_retry and len(self._retries) >= _MAX_BACKGROUND)
+        ):
             cached = locks.get(key, rate)
             if cached is not None:
                 if rate.reset_on_early_retry:

@@ -32,8 +32,9 @@ class _Lock:
 
 
 class LockCache:
-    def __init__(self, monotonic: Callable[[], float] = time.monotonic,
-                 size: int = _DEFAULT_SIZE) -> None:
+    def __init__(
+        self, monotonic: Callable[[], float] = time.monotonic, size: int = _DEFAULT_SIZE
+    ) -> None:
         self._monotonic = monotonic
         self._size = size
         self._locks: dict[str, _Lock] = {}

@@ -26,14 +26,20 @@ from gateway.settings import load_settings
 from tests.support.stack import Stack
 
 
-async def admin(stack: Stack | Running, method: str, path: str, token: str | None = None,
-                ) -> tuple[int, Any, CIMultiDictProxy[str]]:
+async def admin(
+    stack: Stack | Running,
+    method: str,
+    path: str,
+    token: str | None = None,
+) -> tuple[int, Any, CIMultiDictProxy[str]]:
     """One admin call: (status, JSON body or text, headers)."""
     running = stack.running if isinstance(stack, Stack) else stack
     url = f"http://127.0.0.1:{running.admin_port}{path}"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession() as session, session.request(
-            method, url, headers=headers) as answer:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, headers=headers) as answer,
+    ):
         if answer.content_type == "application/json":
             body: Any = await answer.json()
         else:
@@ -50,14 +56,16 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     return found
 
 
-def value(parsed: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
-          **labels: str) -> float:
+def value(
+    parsed: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
     """The sample's value (0 when the series does not exist)."""
     return parsed.get((name, frozenset(labels.items())), 0.0)
 
 
-async def wait_for(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0,
-                   what: str = "condition") -> None:
+async def wait_for(
+    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
@@ -95,8 +103,17 @@ def free_port(consecutive: int = 1) -> int:
     raise RuntimeError("no free ports")
 
 
-def write_gateway(folder: Path, certs: DemoCerts, soap_port: int, *, port: int, admin_port: int,
-                  policies: str, store: str = "memory://", extra: str = "") -> Path:
+def write_gateway(
+    folder: Path,
+    certs: DemoCerts,
+    soap_port: int,
+    *,
+    port: int,
+    admin_port: int,
+    policies: str,
+    store: str = "memory://",
+    extra: str = "",
+) -> Path:
     """A gateway.yaml (OMS and DRRS on the mock SOAP port) and one policy file, for a gateway
     run as its own process."""
     (folder / "policies").mkdir(parents=True, exist_ok=True)
@@ -109,17 +126,22 @@ def write_gateway(folder: Path, certs: DemoCerts, soap_port: int, *, port: int, 
         f"store: {store}\n"
         "access_log: false\n"
         "applications:\n"
-        f"  OMS: {{upstream: \"http://127.0.0.1:{soap_port}\", protocol: soap}}\n"
-        f"  DRRS: {{upstream: \"http://127.0.0.1:{soap_port}\", protocol: soap}}\n"
-        + textwrap.dedent(extra))
+        f'  OMS: {{upstream: "http://127.0.0.1:{soap_port}", protocol: soap}}\n'
+        f'  DRRS: {{upstream: "http://127.0.0.1:{soap_port}", protocol: soap}}\n'
+        + textwrap.dedent(extra)
+    )
     return config
 
 
 def serve_process(config: Path, *args: str) -> subprocess.Popen[str]:
     """`python -m gateway serve --config ...` as a real process (logs on stderr)."""
-    return subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config),
-                             *args], cwd=Path(__file__).parents[2], text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config), *args],
+        cwd=Path(__file__).parents[2],
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def client_ssl(certs: DemoCerts, user: str = "jdoex1234") -> ssl.SSLContext:
@@ -129,15 +151,18 @@ def client_ssl(certs: DemoCerts, user: str = "jdoex1234") -> ssl.SSLContext:
     return context
 
 
-async def wait_ready(admin_port: int, process: subprocess.Popen[str] | None = None,
-                     timeout: float = 30.0) -> dict[str, Any]:
+async def wait_ready(
+    admin_port: int, process: subprocess.Popen[str] | None = None, timeout: float = 30.0
+) -> dict[str, Any]:
     """Poll /healthz until the process's admin listener answers; its body."""
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
         while True:
             if process is not None and process.poll() is not None:
-                raise AssertionError(f"the gateway exited with {process.returncode}: "
-                                     f"{process.stderr.read() if process.stderr else ''}")
+                raise AssertionError(
+                    f"the gateway exited with {process.returncode}: "
+                    f"{process.stderr.read() if process.stderr else ''}"
+                )
             try:
                 async with session.get(f"http://127.0.0.1:{admin_port}/healthz") as answer:
                     if answer.status == 200:

@@ -48,8 +48,14 @@ def seen() -> list[Seen]:
 def _recorder(kind: str, out: list[Seen]) -> object:
     @web.middleware
     async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
-        out.append(Seen(kind, request.method, request.raw_path, tuple(
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers)))
+        out.append(
+            Seen(
+                kind,
+                request.method,
+                request.raw_path,
+                tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers),
+            )
+        )
         return await handler(request)
 
     return record
@@ -101,8 +107,12 @@ def parse_answer(raw: bytes, elapsed: float, ended: str) -> Answer:
         return answer
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit() \
-            or len(parts[1]) != 3:
+    if (
+        len(parts) < 2
+        or not parts[0].startswith("HTTP/1.")
+        or not parts[1].isdigit()
+        or len(parts[1]) != 3
+    ):
         return answer
     answer.status = int(parts[1])
     answer.reason = parts[2] if len(parts) > 2 else ""
@@ -116,12 +126,19 @@ def parse_answer(raw: bytes, elapsed: float, ended: str) -> Answer:
     return answer
 
 
-async def exchange(port: int, context: ssl.SSLContext, data: bytes | list[bytes], *,
-                   timeout: float = 5.0, pause: float = 0.0) -> Answer:
+async def exchange(
+    port: int,
+    context: ssl.SSLContext,
+    data: bytes | list[bytes],
+    *,
+    timeout: float = 5.0,
+    pause: float = 0.0,
+) -> Answer:
     """Send `data` (pieces `pause` seconds apart), read until the server closes or `timeout`."""
     started = time.monotonic()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context,
-                                                   server_hostname="localhost")
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname="localhost"
+    )
     raw = b""
     ended = "eof"
     try:
@@ -151,14 +168,17 @@ async def exchange(port: int, context: ssl.SSLContext, data: bytes | list[bytes]
     return parse_answer(raw, time.monotonic() - started, ended)
 
 
-def exchange_sync(port: int, context: ssl.SSLContext, data: bytes, *,
-                  timeout: float = 5.0) -> Answer:
+def exchange_sync(
+    port: int, context: ssl.SSLContext, data: bytes, *, timeout: float = 5.0
+) -> Answer:
     """Blocking twin of `exchange` (ssl.SSLContext.wrap_socket), for use from a thread."""
     started = time.monotonic()
     raw = b""
     ended = "eof"
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as plain, \
-            context.wrap_socket(plain, server_hostname="localhost") as tls:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=timeout) as plain,
+        context.wrap_socket(plain, server_hostname="localhost") as tls,
+    ):
         try:
             tls.sendall(data)
             while True:

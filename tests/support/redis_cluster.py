@@ -75,8 +75,9 @@ def cluster_port(taken: Sequence[int] = ()) -> int:
 class RedisProcess:
     """One redis-server (data node or sentinel) on 127.0.0.1, killable and restartable by PID."""
 
-    def __init__(self, port: int, folder: Path, args: Sequence[str] = (),
-                 config: str | None = None) -> None:
+    def __init__(
+        self, port: int, folder: Path, args: Sequence[str] = (), config: str | None = None
+    ) -> None:
         self.port = port
         self.folder = folder
         self.args = list(args)
@@ -108,8 +109,9 @@ class RedisProcess:
             "--daemonize", "no",
             *self.args,
         ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -185,8 +187,9 @@ class RedisClusterSet:
         )  # fmt: skip
         if create.returncode != 0:
             self.stop()
-            raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}"
-                               f"{create.stderr}")
+            raise RuntimeError(
+                f"redis-cli --cluster create failed:\n{create.stdout}{create.stderr}"
+            )
         deadline = time.monotonic() + timeout
         while not self.ready():
             if time.monotonic() > deadline:
@@ -201,8 +204,11 @@ class RedisClusterSet:
                     info = client.cluster("INFO")  # parsed into a dict of strings by redis-py
             except redis.RedisError:
                 return False
-            if (info.get("cluster_state"), info.get("cluster_slots_ok"),
-                    info.get("cluster_known_nodes")) != ("ok", "16384", str(len(self.nodes))):
+            if (
+                info.get("cluster_state"),
+                info.get("cluster_slots_ok"),
+                info.get("cluster_known_nodes"),
+            ) != ("ok", "16384", str(len(self.nodes))):
                 return False
         return True
 
@@ -283,16 +289,23 @@ class SentinelSet:
     def start(self, timeout: float = 20.0) -> None:
         master = RedisProcess(free_port(), self.folder / "data-0", _DATA_NODE)
         master.start()
-        replica = RedisProcess(free_port(), self.folder / "data-1",
-                               [*_DATA_NODE, "--replicaof", "127.0.0.1", str(master.port)])
+        replica = RedisProcess(
+            free_port(),
+            self.folder / "data-1",
+            [*_DATA_NODE, "--replicaof", "127.0.0.1", str(master.port)],
+        )
         replica.start()
         self.data = [master, replica]
-        conf = _SENTINEL_CONF.format(service=SERVICE, master=master.port,
-                                     down_after=self.down_after_ms,
-                                     failover_timeout=self.failover_timeout_ms)
+        conf = _SENTINEL_CONF.format(
+            service=SERVICE,
+            master=master.port,
+            down_after=self.down_after_ms,
+            failover_timeout=self.failover_timeout_ms,
+        )
         for i in range(3):
-            sentinel = RedisProcess(free_port(), self.folder / f"sentinel-{i}", ["--sentinel"],
-                                    config=conf)
+            sentinel = RedisProcess(
+                free_port(), self.folder / f"sentinel-{i}", ["--sentinel"], config=conf
+            )
             sentinel.start()
             self.sentinels.append(sentinel)
         self.wait_until(self.settled, timeout, "the sentinels did not find each other")
@@ -313,8 +326,7 @@ class SentinelSet:
             if "s_down" in state["flags"] or "o_down" in state["flags"]:
                 return False
             if len(others) < 2 or not any(
-                "s_down" not in _pairs(r)["flags"]
-                and _pairs(r).get("master-link-status") == "ok"
+                "s_down" not in _pairs(r)["flags"] and _pairs(r).get("master-link-status") == "ok"
                 for r in replicas
             ):
                 return False

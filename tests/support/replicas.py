@@ -140,9 +140,17 @@ class ReplicaSet:
             folder.mkdir(parents=True, exist_ok=True)
             replica = Replica(index, free_port(), free_port(), offset, folder)
             config = folder / "gateway.yaml"
-            config.write_text(CONFIG.format(
-                port=replica.port, admin_port=replica.admin_port, certs=self.certs,
-                store=self.store, store_options=options, policies=policies, soap=soap))
+            config.write_text(
+                CONFIG.format(
+                    port=replica.port,
+                    admin_port=replica.admin_port,
+                    certs=self.certs,
+                    store=self.store,
+                    store_options=options,
+                    policies=policies,
+                    soap=soap,
+                )
+            )
             replica.process = _spawn(
                 [sys.executable, "-m", "tests.support.skewed_gateway", "serve",
                  "--config", str(config)],
@@ -151,17 +159,28 @@ class ReplicaSet:
             self.replicas.append(replica)
 
         deadline = time.monotonic() + timeout
-        _wait_for(lambda: _accepts(soap), deadline, "the mock upstream", self._upstream,
-                  self.folder / "mock.log")
+        _wait_for(
+            lambda: _accepts(soap),
+            deadline,
+            "the mock upstream",
+            self._upstream,
+            self.folder / "mock.log",
+        )
         for replica in self.replicas:
             assert replica.process is not None
-            _wait_for(lambda r=replica: self._handshakes(r), deadline,
-                      f"replica {replica.index}", replica.process, replica.log)
+            _wait_for(
+                lambda r=replica: self._handshakes(r),
+                deadline,
+                f"replica {replica.index}",
+                replica.process,
+                replica.log,
+            )
 
     def stop(self) -> None:
         """SIGTERM each process by PID, then SIGKILL whatever has not exited within 5 s."""
         processes = [r.process for r in self.replicas if r.process] + (
-            [self._upstream] if self._upstream else [])
+            [self._upstream] if self._upstream else []
+        )
         for process in processes:
             if process.poll() is None:
                 os.kill(process.pid, signal.SIGTERM)
@@ -202,8 +221,10 @@ class ReplicaSet:
 
     def _handshakes(self, replica: Replica) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", replica.port), timeout=1.0) as raw, \
-                    self.ssl_for().wrap_socket(raw, server_hostname="localhost"):
+            with (
+                socket.create_connection(("127.0.0.1", replica.port), timeout=1.0) as raw,
+                self.ssl_for().wrap_socket(raw, server_hostname="localhost"),
+            ):
                 return True
         except (OSError, ssl.SSLError):
             return False
@@ -212,10 +233,12 @@ class ReplicaSet:
 def _spawn(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     environment = {**os.environ, **env, "LOG_LEVEL": "INFO"}
     environment["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+    )
     with log.open("wb") as out:
-        return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=out,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            command, cwd=ROOT, env=environment, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 def _accepts(port: int) -> bool:
@@ -226,15 +249,19 @@ def _accepts(port: int) -> bool:
         return False
 
 
-def _wait_for(ready: Any, deadline: float, what: str, process: subprocess.Popen[bytes],
-              log: Path) -> None:
+def _wait_for(
+    ready: Any, deadline: float, what: str, process: subprocess.Popen[bytes], log: Path
+) -> None:
     while not ready():
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}:\n"
-                               f"{log.read_text(errors='replace')[-3000:]}")
+            raise RuntimeError(
+                f"{what} exited with {process.returncode}:\n"
+                f"{log.read_text(errors='replace')[-3000:]}"
+            )
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not come up:\n"
-                               f"{log.read_text(errors='replace')[-3000:]}")
+            raise RuntimeError(
+                f"{what} did not come up:\n{log.read_text(errors='replace')[-3000:]}"
+            )
         time.sleep(0.05)
 
 
@@ -265,17 +292,24 @@ class Caller:
         self.replicas = replicas
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=replicas.ssl_for(user), limit=limit),
-            timeout=aiohttp.ClientTimeout(total=10))
+            timeout=aiohttp.ClientTimeout(total=10),
+        )
 
     async def soap(self, replica: int, app: str, service: str) -> Answer:
         target = self.replicas.replicas[replica % len(self.replicas)]
         body = ENVELOPE.format(op=service.split("_")[0])
         started = time.perf_counter()
-        async with self.session.post(f"{target.url}/sst/{app}/{service}", data=body,
-                                     headers={"Content-Type": SOAP11}) as response:
+        async with self.session.post(
+            f"{target.url}/sst/{app}/{service}", data=body, headers={"Content-Type": SOAP11}
+        ) as response:
             text = await response.text()
-        return Answer(target.index, response.status, response.headers.get("Retry-After"), text,
-                      time.perf_counter() - started)
+        return Answer(
+            target.index,
+            response.status,
+            response.headers.get("Retry-After"),
+            text,
+            time.perf_counter() - started,
+        )
 
     async def burst(self, app: str, service: str, calls: int) -> list[Answer]:
         """`calls` concurrent calls for one key, dealt round-robin over the replicas."""

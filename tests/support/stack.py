@@ -111,16 +111,24 @@ class Stack:
 
     def client(self, user: str | None = "jdoex1234") -> aiohttp.ClientSession:
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=self.ssl_for(user), limit=200))
+            connector=aiohttp.TCPConnector(ssl=self.ssl_for(user), limit=200)
+        )
         self.sessions.append(session)
         return session
 
-    async def soap(self, client: aiohttp.ClientSession, app: str, service: str,
-                   content_type: str = SOAP11, **kwargs: Any) -> aiohttp.ClientResponse:
+    async def soap(
+        self,
+        client: aiohttp.ClientSession,
+        app: str,
+        service: str,
+        content_type: str = SOAP11,
+        **kwargs: Any,
+    ) -> aiohttp.ClientResponse:
         body = kwargs.pop("data", ENVELOPE.format(op=service.split("_")[0]))
         headers = {"Content-Type": content_type, **kwargs.pop("headers", {})}
-        response = await client.post(f"{self.url}/sst/{app}/{service}", data=body,
-                                     headers=headers, **kwargs)
+        response = await client.post(
+            f"{self.url}/sst/{app}/{service}", data=body, headers=headers, **kwargs
+        )
         await response.read()
         return response
 
@@ -146,22 +154,34 @@ StackFactory = Callable[..., Awaitable[Stack]]
 
 
 @pytest.fixture
-async def stack_factory(certs: DemoCerts, upstream: Upstream,
-                        tmp_path: Path) -> AsyncIterator[StackFactory]:
+async def stack_factory(
+    certs: DemoCerts, upstream: Upstream, tmp_path: Path
+) -> AsyncIterator[StackFactory]:
     stacks: list[Stack] = []
 
-    async def make(policies: str | dict[str, str] = OMS, *, store: str = "memory://",
-                   extra: str = "", limiter: Limiter | None = None,
-                   folder: Path | None = None, oms_port: int | None = None,
-                   oms_extra: str = "") -> Stack:
+    async def make(
+        policies: str | dict[str, str] = OMS,
+        *,
+        store: str = "memory://",
+        extra: str = "",
+        limiter: Limiter | None = None,
+        folder: Path | None = None,
+        oms_port: int | None = None,
+        oms_extra: str = "",
+    ) -> Stack:
         folder = folder or tmp_path / f"stack{len(stacks)}"
         (folder / "policies").mkdir(parents=True, exist_ok=True)
         files = {"main.yaml": policies} if isinstance(policies, str) else policies
         for name, text in files.items():
             (folder / "policies" / name).write_text(textwrap.dedent(text))
-        config = CONFIG.format(certs=certs, store=store, soap=upstream.soap_port,
-                               rest=upstream.rest_port, oms_port=oms_port or upstream.soap_port,
-                               oms_extra=oms_extra) + textwrap.dedent(extra)
+        config = CONFIG.format(
+            certs=certs,
+            store=store,
+            soap=upstream.soap_port,
+            rest=upstream.rest_port,
+            oms_port=oms_port or upstream.soap_port,
+            oms_extra=oms_extra,
+        ) + textwrap.dedent(extra)
         (folder / "gateway.yaml").write_text(config)
         running = await start(load_settings(folder / "gateway.yaml"), limiter=limiter)
         stack = Stack(running, certs, folder)

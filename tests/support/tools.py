@@ -15,9 +15,12 @@ import pytest
 def require(*names: str, package: str) -> str:
     """The first of `names` found on PATH (or in /usr/sbin); fails the test when none is."""
     for name in names:
-        found = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists()
-                                       else None)
+        found = shutil.which(name) or (
+            f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
+        )
         if found:
             return found
-    pytest.fail(f"{names[0]} is not installed: apt-get install {package} "
-                f"(`make test` installs it when run as root)")
+    pytest.fail(
+        f"{names[0]} is not installed: apt-get install {package} "
+        f"(`make test` installs it when run as root)"
+    )
