@@ -277,7 +277,7 @@ class _Refusing:
 
     __slots__ = ("error", "on_refused")
 
-    def __init__(self, on_refused: Callable[[], None]) -> None:
+    def __init__(self, on_refused: Callable[[], object]) -> None:
         self.error: ssl.SSLError | None = None
         self.on_refused = on_refused
 
