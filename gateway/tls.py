@@ -12,10 +12,15 @@ Three pieces, each usable alone:
   the new context, but the verify mode, verify flags, protocol versions and ciphers were already
   copied from the outer context when the connection was created; that is why the outer context is
   built by the same function from the same settings, and why only file contents reload.
+  `handshake_context()` gives each connection an outer context of its own, so that OpenSSL's
+  server session cache (kept in that outer context, and impossible to turn off from Python)
+  never resumes a session: every connection is verified against the current CA and CRL.
 - `TlsSite`: an aiohttp site that accepts TCP itself, awaits each handshake and logs every
   refused one with its reason. asyncio and uvloop report a failed server-side
   handshake only in debug mode (an `ssl.SSLError` is an `OSError`, which they do not pass to the
-  exception handler), so an exception handler or logging filter would never see it.
+  exception handler), so an exception handler or logging filter would never see it. With
+  `AlertingSSLObject` (the contexts' `sslobject_class`) the refused client receives the TLS
+  alert that names the reason instead of a bare close.
 """
 
 from __future__ import annotations
