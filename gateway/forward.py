@@ -1,6 +1,6 @@
 """The upstream side: one keep-alive pool per application, headers cleaned, bodies streamed.
 
-The HTTP client itself is gateway/upstream.py; this module decides what goes upstream (which
+The HTTP client itself is gateway/upstream/; this module decides what goes upstream (which
 headers, the body whole or streamed and counted against the application's limit) and how the
 answer comes back. Small bodies (with a Content-Length up to BUFFER_LIMIT) are read whole: one
 write instead of a stream of chunks is the cheaper path for the typical SOAP call. Larger or

@@ -1,4 +1,4 @@
-"""The upstream HTTP/1.1 client (gateway/upstream.py) against real servers on 127.0.0.1: the mock
+"""The upstream HTTP/1.1 client (gateway/upstream/) against real servers on 127.0.0.1: the mock
 market services for ordinary answers, and a bare asyncio server, scripted per test, for the odd
 ones (stale keep-alive connections, 1xx, `Connection: close`, truncated or unparseable answers).
 
