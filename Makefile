@@ -25,7 +25,7 @@ certs: $(STAMP)
 check: $(STAMP)
 	$(PY) -m gateway check --config gateway.yaml
 
-# Installs redis-server and chromium from Debian's packages when missing (as root), then runs
+# Installs redis-server, chromium, nginx and promtool from Debian's packages when missing (as root), then runs
 # the whole suite. Tests that need Redis start their own redis-server on a free port.
 test: $(STAMP) system-test-deps
 	$(PY) -m pytest -q
@@ -39,7 +39,7 @@ bench: $(STAMP) system-bench-deps
 	$(PY) -m bench.run
 
 system-test-deps:
-	@bash .ci/system-deps redis-server:redis-server chromium:chromium nginx:nginx
+	@bash .ci/system-deps redis-server:redis-server chromium:chromium nginx:nginx promtool:prometheus
 
 system-bench-deps:
 	@bash .ci/system-deps redis-server:redis-server nginx:nginx ab:apache2-utils

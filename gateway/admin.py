@@ -40,6 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.app import Gateway
 from gateway.errors import StoreUnavailable
+from gateway.history import History
 from gateway.identity import ClientIdentity, normalise_dn
 from gateway.ledger import LedgerEntry, LedgerWriter, Query, parse_since
 from gateway.limiter.base import limiter_key
@@ -65,6 +66,7 @@ class AdminState:
     worker: int = 0
     draining: bool = False
     started: float = field(default_factory=time.time)
+    history: History | None = None  # per-minute series of the last hour, for the ops page
 
     def store_status(self) -> dict[str, Any] | None:
         status = getattr(self.gateway.limiter, "status", None)
@@ -492,6 +494,7 @@ def ops_view(state: AdminState, entries: list[LedgerEntry], window: float) -> di
             "policies": [policy_view(p) for p in current.policies],
         },
         "last_reload": state.reloader.last.as_dict(),
+        "history": state.history.series() if state.history is not None else None,
     }
 
 

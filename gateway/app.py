@@ -52,6 +52,7 @@ class Outcome:
     elapsed: float = 0.0
     store_latency: float = 0.0  # seconds spent in the limiter (0: not asked)
     upstream_latency: float = 0.0  # seconds spent forwarding and relaying (0: not forwarded)
+    method: str = ""  # the request's, for the access log (replay matches policies' methods)
 
 
 Observer = Callable[[Outcome], None]
@@ -92,7 +93,7 @@ class Gateway:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        outcome = Outcome(next(self._request_ids), None)
+        outcome = Outcome(next(self._request_ids), None, method=request.method)
         try:
             response = await self._handle(request, outcome)
             outcome.status = response.status
@@ -285,6 +286,7 @@ def log_access(outcome: Outcome) -> None:
                 "cn": identity.cn if identity else None,
                 "identity": identity.subject if identity else None,
                 "key": outcome.key or None,
+                "method": outcome.method,
                 "application": outcome.application,
                 "service": outcome.service,
                 "decision": outcome.decision,

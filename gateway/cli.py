@@ -46,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     ledger.add_argument("--limit", type=int, help="at most this many (the newest)")
     ledger.add_argument("--json", action="store_true", help="JSON instead of a table")
 
+    simulate = commands.add_parser(
+        "simulate", help="replay recorded calls (the JSON access log) against candidate policies"
+    )
+    simulate.add_argument("--config", type=Path, default=Path("gateway.yaml"))
+    simulate.add_argument("--policies", type=Path, required=True, help="the candidate set's folder")
+    simulate.add_argument("--calls", type=Path, required=True, help="the access log to replay")
+    simulate.add_argument("--json", action="store_true", help="JSON instead of a table")
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"),
@@ -96,6 +104,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             limit=args.limit,
             as_json=args.json,
         )
+    if args.command == "simulate":
+        from gateway.simulate import run_simulate
+
+        return run_simulate(args.config, args.policies, args.calls, args.json)
     if args.command == "demo":
         from gateway.demo import run_demo
 

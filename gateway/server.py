@@ -32,6 +32,7 @@ from gateway.admin import AdminState, create_admin_app
 from gateway.app import Gateway
 from gateway.connection import GuardedServer
 from gateway.errors import ConfigError
+from gateway.history import History
 from gateway.ledger import LedgerWriter, ledger_sink
 from gateway.limiter.base import Limiter
 from gateway.metrics import GatewayMetrics, StateSources
@@ -87,6 +88,8 @@ class Running:
         self._stopped = True
         self.ops.draining = True
         await self.reloader.stop()
+        if self.ops.history is not None:
+            await self.ops.history.stop()
         for runner in self._runners:
             await runner.cleanup()
         await self.ledger.close()
@@ -119,6 +122,7 @@ async def start(
         gateway, reload_interval, on_result=lambda result: metrics.reload_result(result.ok)
     )
     ops = AdminState(gateway, metrics, reloader, ledger, worker)
+    ops.history = History(metrics, ops.store_status)  # the ops page's last hour
     metrics.add_state(
         StateSources(
             store=ops.store_status,
@@ -168,6 +172,7 @@ async def start(
         running.admin_port = _bound_port(admin_runner)
     ledger.start()
     reloader.start()
+    ops.history.start()
     log.info(
         "gateway listening on https://%s:%d (store %s, %d applications, %d policies)",
         settings.listen.host,

@@ -1,10 +1,15 @@
 """The gateway YAML -> frozen Settings, validated fully; every error names file, line and key.
 
-Relative paths in the file are relative to the file's own folder.
+Relative paths in the file are relative to the file's own folder. Two values hold secrets and
+may be read from the environment instead of the file: the store URL (it may carry the Redis
+password) and the admin token. Written as exactly `${NAME}`, the value is the environment
+variable NAME (a Kubernetes Secret exposed with `env:`); an unset or empty variable is an
+error at that line. Nothing else is expanded, so a `$` elsewhere is just a character.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +27,7 @@ Mode = Literal["enforce", "shadow"]
 STORE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel")
 _APP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _ROUTE = re.compile(r"^(GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) (/\S*)$")
+_ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +201,7 @@ def _read_settings(top: Fields, source: Path) -> Settings | None:
         admin = AdminSettings(
             sub.value("host", str, "127.0.0.1"),
             sub.value("port", int, 9901, _port),
-            sub.value("token", str, None),
+            _from_environment(sub, "token", sub.value("token", str, None)),
         )
         sub.done()
 
@@ -268,15 +274,16 @@ def _read_store(top: Fields) -> StoreSettings:
         return StoreSettings()
     d = StoreSettings()
     if getattr(node, "tag", "").endswith(":str"):
-        url = top.value("store", str)
-        store = StoreSettings(url=url)
+        url = _from_environment(top, "store", top.value("store", str))
+        store = StoreSettings(url=url or "")
         fields = None
     else:
         fields = top.sub("store")
         if fields is None:
             return d
+        url = _from_environment(fields, "url", fields.value("url", str))
         store = StoreSettings(
-            url=fields.value("url", str),
+            url=url or "",
             timeout=fields.converted("timeout", parse_duration, d.timeout),
             connect_timeout=fields.converted("connect_timeout", parse_duration, d.connect_timeout),
             pool_size=fields.value("pool_size", int, d.pool_size, _positive),
@@ -286,6 +293,8 @@ def _read_store(top: Fields) -> StoreSettings:
             key_prefix=fields.value("key_prefix", str, d.key_prefix),
         )
         fields.done()
+    if url is None:  # an unset environment variable, already reported
+        return store
     scheme = urlsplit(store.url or "").scheme
     if scheme not in STORE_SCHEMES:
         where = fields.error if fields else top.error
@@ -295,6 +304,19 @@ def _read_store(top: Fields) -> StoreSettings:
             f"(use {', '.join(s + '://' for s in STORE_SCHEMES)})",
         )
     return store
+
+
+def _from_environment(fields: Fields, key: str, text: str | None) -> str | None:
+    """`${NAME}` -> the environment variable NAME; None (and an error at the key's line) when
+    it is unset or empty. Any other text is returned as it is."""
+    match = _ENV_REFERENCE.match(text or "")
+    if match is None:
+        return text
+    value = os.environ.get(match.group(1), "")
+    if not value:
+        fields.error(key, f"environment variable {match.group(1)} is not set (or is empty)")
+        return None
+    return value
 
 
 def _read_application(f: Fields, name: str) -> Application | None:
