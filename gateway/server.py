@@ -32,7 +32,7 @@ from gateway.admin import AdminState, create_admin_app
 from gateway.app import Gateway
 from gateway.connection import GuardedServer
 from gateway.errors import ConfigError
-from gateway.ledger import LedgerWriter, ledger_sink
+from gateway.ledger import LedgerWriter, ledger_writer
 from gateway.limiter.base import Limiter
 from gateway.metrics import GatewayMetrics, StateSources
 from gateway.reload import PolicyReloader, ReloadResult
@@ -114,7 +114,7 @@ async def start(
     if callable(warm_up):  # ResilientLimiter: load scripts now; never fails
         await warm_up()
     metrics = GatewayMetrics()
-    ledger = LedgerWriter(ledger_sink(settings), settings.identity)
+    ledger = ledger_writer(settings)
     reloader = PolicyReloader(
         gateway, reload_interval, on_result=lambda result: metrics.reload_result(result.ok)
     )

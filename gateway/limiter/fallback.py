@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 StoreState = Literal["ok", "fallback"]
 Source = Literal["store", "cache", "local", "allow", "deny"]
+DEGRADED: frozenset[Source] = frozenset({"local", "allow", "deny"})  # decided without the store
 _T = TypeVar("_T")
 
 # Every way a store call can fail that the fallback covers. TimeoutError and ConnectionError are
