@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis, RedisCluster
 
     from gateway.app import Outcome
+    from gateway.limiter.fallback import Excess
 
 log = logging.getLogger("gateway.ledger")
 shadow_log = logging.getLogger("gateway.shadow")
@@ -261,6 +262,35 @@ def support_entry(
         first_request_id=request_id,
         last_request_id=request_id,
         fallback=False,
+        final=True,
+        status=0,
+        time=at,
+    )
+
+
+def excess_entry(excess: Excess, at: float) -> LedgerEntry:
+    """A key the local fallback let past its policy during a store outage, found when its calls
+    were merged into the store: `count` is the calls beyond the policy (docs/outage.md)."""
+    inner = excess.key.partition("{")[2].rpartition("}")[0]
+    identity, application, service = [*inner.rsplit("|", 2), "", ""][:3]
+    cn = _attribute(identity, "CN") if "=" in identity else identity
+    return LedgerEntry(
+        id=f"excess:{excess.key}:{int(excess.store_time * 1000)}:{os.urandom(4).hex()}",
+        decision="excess",
+        identity=identity,
+        subject=identity if "=" in identity else "",
+        cn=cn,
+        application=application,
+        service=service,
+        policy=f"{excess.rate.limit} per {excess.rate.per:g}s",
+        first=excess.store_time,
+        last=excess.store_time,
+        ends_at=excess.store_time,
+        count=excess.calls,
+        retry_after=0.0,
+        first_request_id="",
+        last_request_id="",
+        fallback=True,
         final=True,
         status=0,
         time=at,

@@ -263,6 +263,23 @@ class StateCollector(Collector):
             [str(status.get("store", ""))], float(status.get("fallback_decisions", 0) or 0)
         )
         yield degraded
+        reconciled = CounterMetricFamily(
+            "aup_store_reconciled_calls",
+            "Calls the local fallback allowed during an outage, merged into the store after it.",
+            labels=["store"],
+        )
+        reconciled.add_metric(
+            [str(status.get("store", ""))], float(status.get("reconciled_calls", 0) or 0)
+        )
+        yield reconciled
+        excess = CounterMetricFamily(
+            "aup_store_excess_calls",
+            "Calls allowed beyond a policy across a store outage (found at reconciliation; "
+            "each key is also a ledger entry with decision excess).",
+            labels=["store"],
+        )
+        excess.add_metric([str(status.get("store", ""))], float(status.get("excess_calls", 0) or 0))
+        yield excess
 
     def _policies(self) -> Iterator[Metric]:
         view = self._sources.policies()

@@ -32,7 +32,7 @@ from gateway.admin import AdminState, create_admin_app
 from gateway.app import Gateway
 from gateway.connection import GuardedServer
 from gateway.errors import ConfigError
-from gateway.ledger import LedgerWriter, ledger_writer
+from gateway.ledger import LedgerWriter, excess_entry, ledger_writer
 from gateway.limiter.base import Limiter
 from gateway.metrics import GatewayMetrics, StateSources
 from gateway.reload import PolicyReloader, ReloadResult
@@ -129,6 +129,10 @@ async def start(
     )
     # Observers run after every call, in order: access log (if on), metrics, ledger queue.
     gateway.observers.extend([metrics.observe, ledger.observe])
+    # Keys the local fallback let past their policy, found when the store returns.
+    gateway.limiter.on_excess.append(
+        lambda excess: ledger.record(excess_entry(excess, time.time()))
+    )
     limits = settings.limits
     server = GuardedServer(  # adds read/send deadlines and the per-identity connection cap
         gateway.handle,
