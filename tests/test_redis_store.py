@@ -585,3 +585,55 @@ async def test_an_idle_gateway_notices_the_store_is_back_by_itself(
         if not redis_server.running:
             redis_server.start()
         await lim.close()
+
+
+# -- reconciliation: what the fallback allowed, merged into the store ---------------------------
+
+
+async def test_reconcile_merges_local_calls_on_the_store_clock(
+    limiter: ResilientLimiter,
+) -> None:
+    """Local calls are sent as ages and placed on the store's clock; every call in the window is
+    replayed as the store would have decided it (the excess), and only the newest N are kept."""
+    redis = primary(limiter)
+    k, rate = key("CN=mergex0001"), Rate(limit=2, per=10.0)
+    assert (await redis.decide(k, rate)).allowed  # the store's own call, now
+    # two local calls 2 s and 1 s ago, one 20 s ago (outside the window: ignored)
+    excess, merged, _ = await redis.reconcile(k, rate, [2.0, 1.0, 20.0], 0.0)
+    assert (merged, excess) == (2, 1)  # three calls in 10 s where the policy allows two
+    state = await redis.peek(k, rate)
+    assert state.calls_in_window == 2  # the newest two
+    refused = await redis.decide(k, rate)
+    assert not refused.allowed
+    assert refused.retry_after == pytest.approx(9.0, abs=0.5)  # the call 1 s ago + 10 s
+
+
+async def test_a_local_lockout_is_merged_too(limiter: ResilientLimiter) -> None:
+    redis = primary(limiter)
+    k, rate = key("CN=mergex0002"), Rate(limit=1, per=30.0, reset_on_early_retry=True)
+    excess, merged, _ = await redis.reconcile(k, rate, [], 25.0)  # locked locally for 25 s more
+    assert (excess, merged) == (0, 0)
+    refused = await redis.decide(k, rate)
+    assert not refused.allowed and refused.retry_after == 30.0  # the early retry resets it
+
+
+async def test_the_fallbacks_keys_are_merged_before_the_breaker_closes(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    now = [0.0]
+    lim = ResilientLimiter(
+        primary(limiter_from_url(store(redis_url, timeout=0.25))),
+        cooldown=1.0,
+        monotonic=lambda: now[0],
+    )
+    await asyncio.to_thread(redis_server.stop)
+    decision, source = await lim.decide_with_source(key("CN=mergex0003"), OMS)
+    assert decision.allowed and source == "local"
+    await asyncio.to_thread(redis_server.start)
+    now[0] = 1.5
+    await lim.probe()
+    assert lim.state == "ok" and (lim.reconciled_keys, lim.reconciled_calls) == (1, 1)
+    assert len(lim.fallback) == 0  # handed over
+    refused, source = await lim.decide_with_source(key("CN=mergex0003"), OMS)
+    assert not refused.allowed and source == "store"
+    await lim.close()
