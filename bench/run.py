@@ -457,6 +457,7 @@ def markdown(
     costs: Sequence[dict[str, object]],
     memory: dict[str, object] | None,
     failures: Sequence[str] = (),
+    ledger_costs: Sequence[dict[str, object]] = (),
 ) -> str:
     parts = [
         f"Machine: {machine_line(info)}. ab, nginx, Redis and the gateway share these CPUs.",
@@ -475,6 +476,16 @@ def markdown(
             "Cost per limiter decision (in-process, see bench/keys.py):",
             "",
             costs_table(costs),
+        ]
+    if ledger_costs:
+        from bench.ledger import PER_REJECTION_COMMIT, RATE, ledger_table
+
+        parts += [
+            "",
+            "The violation ledger's cost per rejection (in-process, see bench/ledger.py; "
+            f"{RATE:,} rejections/s; per-rejection = the ledger as of {PER_REJECTION_COMMIT}):",
+            "",
+            ledger_table(ledger_costs),
         ]
     if memory:
         parts += [
@@ -542,6 +553,7 @@ def execute(args: argparse.Namespace, folder: Path, procs: Processes) -> int:
         return 0 if all(r.result for r in rows) else 1
 
     costs: list[dict[str, object]] = []
+    ledger_costs: list[dict[str, object]] = []
     memory = None
     failures: list[str] = []
     if not args.no_keys:
@@ -552,6 +564,15 @@ def execute(args: argparse.Namespace, folder: Path, procs: Processes) -> int:
         costs = [c.as_dict() for c in measured]
         if failure:
             failures.append(f"decision costs: {failure}")
+        from bench.ledger import run_ledger_costs
+
+        print(
+            "bench: the ledger's cost per rejection (episode vs per-rejection) ...", file=sys.stderr
+        )
+        ledger_measured, missing = run_ledger_costs(bench.redis_url)
+        ledger_costs = [c.as_dict() for c in ledger_measured]
+        if missing:
+            failures.append(missing)
         print(f"bench: memory per identity ({args.identities:,} identities) ...", file=sys.stderr)
         try:
             memory = _memory_per_identity(bench, args.identities)
@@ -560,7 +581,7 @@ def execute(args: argparse.Namespace, folder: Path, procs: Processes) -> int:
     for failure in failures:
         print(f"bench: failed: {failure}", file=sys.stderr)
 
-    text = markdown(info, args, rows, costs, memory, failures)
+    text = markdown(info, args, rows, costs, memory, failures, ledger_costs)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     record = {
         "time": stamp,
@@ -592,6 +613,7 @@ def execute(args: argparse.Namespace, folder: Path, procs: Processes) -> int:
             for r in rows
         ],
         "decision_costs": costs,
+        "ledger_costs": ledger_costs,
         "memory_per_identity": memory,
         "failures": failures,
     }

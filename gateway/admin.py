@@ -19,7 +19,8 @@ Endpoints:
                                   which policy applies and the key's state now
     DELETE /keys?identity=&application=&service=[&reason=]   (also POST /keys/clear)
                                   clear one key's state: a support action, logged and ledgered
-    GET  /ledger?identity=&since=&limit=   ledger entries (newest last)
+    GET  /ledger?identity=&application=&service=&since=&until=&limit=
+                                  ledger episodes (docs/ledger.md), oldest first
     GET  /ops, /ops/data          the ops page and the JSON it refreshes from
 """
 
@@ -42,7 +43,7 @@ from gateway.app import Gateway
 from gateway.errors import StoreUnavailable
 from gateway.history import History
 from gateway.identity import ClientIdentity, normalise_dn
-from gateway.ledger import LedgerEntry, LedgerWriter, Query, parse_since
+from gateway.ledger import LedgerEntry, LedgerWriter, Query, parse_since, support_entry
 from gateway.limiter.base import limiter_key
 from gateway.metrics import GatewayMetrics
 from gateway.policy import Policy, PolicySet
@@ -373,26 +374,11 @@ async def clear_key(request: web.Request) -> web.Response:
     )
     state.metrics.support_action("clear_key")
     state.ledger.record(
-        LedgerEntry(
-            time=time.time(),
-            store_time=0.0,
-            request_id=f"admin:{peer}",
-            decision="cleared",
-            identity=named.identity,
-            subject=named.identity if "=" in named.identity else "",
-            cn=_cn(named.identity),
-            application=named.application.name,
-            service=named.service,
-            policy="",
-            retry_after=0.0,
-            status=0,
+        support_entry(
+            named.identity, named.application.name, named.service, f"admin:{peer}", time.time()
         )
     )
     return web.json_response({"key": named.key, "cleared": cleared})
-
-
-def _cn(identity: str) -> str:
-    return _attribute(identity, "CN") if "=" in identity else identity
 
 
 def _attribute(dn: str, wanted: str) -> str:
@@ -421,12 +407,22 @@ async def ledger(request: web.Request) -> web.Response:
     query = request.query
     try:
         since = parse_since(query["since"]) if query.get("since") else None
+        until = parse_since(query["until"]) if query.get("until") else None
         limit = min(int(query.get("limit", "100")), 10_000)
     except ValueError as exc:
         return web.json_response({"error": str(exc)}, status=400)
     await state.ledger.flush()  # include what is still queued
     try:
-        entries = await state.ledger.sink.read(Query(query.get("identity"), since, None, limit))
+        entries = await state.ledger.sink.read(
+            Query(
+                query.get("identity"),
+                since,
+                until,
+                limit,
+                query.get("application"),
+                query.get("service"),
+            )
+        )
     except Exception as exc:  # the store behind the ledger is away
         return web.json_response({"error": f"ledger unavailable: {exc}"}, status=503)
     return web.json_response(
@@ -469,9 +465,11 @@ def ops_view(state: AdminState, entries: list[LedgerEntry], window: float) -> di
                 "shadow": 0,
                 "last": entry.time,
                 "retry_after": entry.retry_after,
+                "episodes": 0,
             }
-        cell[entry.decision] += 1
-        offenders[who] += 1
+        cell[entry.decision] += entry.count
+        cell["episodes"] += 1
+        offenders[who] += entry.count
     current = state.gateway.policies
     return {
         "now": time.time(),
@@ -480,7 +478,7 @@ def ops_view(state: AdminState, entries: list[LedgerEntry], window: float) -> di
         "mode": state.gateway.settings.mode,
         "store": state.store_status() or {"store": state.gateway.limiter.name, "state": "ok"},
         "ledger": state.ledger.status(),
-        "total": len(violations),
+        "total": sum(e.count for e in violations),
         "violations": sorted(
             cells.values(), key=lambda c: (-(c["rejected"] + c["shadow"]), -c["last"])
         ),

@@ -25,7 +25,7 @@ from gateway.errors import ErrorCode, UpstreamError
 from gateway.forward import BodyTooLarge, Upstreams
 from gateway.identity import ClientIdentity, IdentityCache
 from gateway.limiter.base import Decision, Limiter, limiter_key
-from gateway.limiter.fallback import ResilientLimiter
+from gateway.limiter.fallback import DEGRADED, ResilientLimiter
 from gateway.policy import Policy, PolicySet, load_policies
 from gateway.routing import NoRoute, Router, Target, route_by_body
 from gateway.settings import Application, Settings
@@ -49,6 +49,7 @@ class Outcome:
     upstream_status: int = 0
     retry_after: float = 0.0
     store_time: float = 0.0  # the limiter's clock at the decision (Redis TIME with Redis)
+    fallback: bool = False  # decided without the store (on_store_error), for the ledger
     elapsed: float = 0.0
     store_latency: float = 0.0  # seconds spent in the limiter (0: not asked)
     upstream_latency: float = 0.0  # seconds spent forwarding and relaying (0: not forwarded)
@@ -201,7 +202,11 @@ class Gateway:
             return None
         key = outcome.key = limiter_key(key_identity, target.application.name, target.service)
         asked = time.perf_counter()
-        decision: Decision = await self.limiter.decide(key, rate, on_error=policy.on_store_error)
+        decision: Decision
+        decision, source = await self.limiter.decide_with_source(
+            key, rate, on_error=policy.on_store_error
+        )
+        outcome.fallback = source in DEGRADED
         outcome.store_latency = time.perf_counter() - asked
         outcome.store_time = decision.now
         if decision.allowed:

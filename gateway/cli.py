@@ -38,13 +38,23 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="certificates, mock services and the gateway at once")
     demo.add_argument("--config", type=Path, default=Path("gateway.yaml"))
 
-    ledger = commands.add_parser("ledger", help="print the violation ledger (table or JSON)")
+    ledger = commands.add_parser(
+        "ledger", help="print or export the violation ledger's episodes (docs/ledger.md)"
+    )
     ledger.add_argument("--config", type=Path, default=Path("gateway.yaml"))
     ledger.add_argument("--identity", help="a subject DN, a CN or a certificate fingerprint")
-    ledger.add_argument("--since", help="how far back: 1h, 30m, 90s, or an ISO 8601 time")
-    ledger.add_argument("--until", help="up to: a duration ago or an ISO 8601 time")
+    ledger.add_argument("--application", help="only this application (OMS, DRRS, ...)")
+    ledger.add_argument("--service", help="only this service")
+    ledger.add_argument("--since", help="episodes that end after: 1h, 30m, 7d ago, or ISO 8601")
+    ledger.add_argument("--until", help="episodes that start before: a duration ago or ISO 8601")
     ledger.add_argument("--limit", type=int, help="at most this many (the newest)")
-    ledger.add_argument("--json", action="store_true", help="JSON instead of a table")
+    ledger.add_argument(
+        "--format",
+        choices=("table", "json", "jsonl", "csv"),
+        default="table",
+        help="table (default), a JSON array, JSON lines or CSV (for disputes: every field)",
+    )
+    ledger.add_argument("--json", action="store_true", help="the same as --format json")
 
     simulate = commands.add_parser(
         "simulate", help="replay recorded calls (the JSON access log) against candidate policies"
@@ -102,6 +112,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             since=args.since,
             until=args.until,
             limit=args.limit,
+            application=args.application,
+            service=args.service,
+            output=args.format,
             as_json=args.json,
         )
     if args.command == "simulate":

@@ -263,6 +263,23 @@ class StateCollector(Collector):
             [str(status.get("store", ""))], float(status.get("fallback_decisions", 0) or 0)
         )
         yield degraded
+        reconciled = CounterMetricFamily(
+            "aup_store_reconciled_calls",
+            "Calls the local fallback allowed during an outage, merged into the store after it.",
+            labels=["store"],
+        )
+        reconciled.add_metric(
+            [str(status.get("store", ""))], float(status.get("reconciled_calls", 0) or 0)
+        )
+        yield reconciled
+        excess = CounterMetricFamily(
+            "aup_store_excess_calls",
+            "Calls allowed beyond a policy across a store outage (found at reconciliation; "
+            "each key is also a ledger entry with decision excess).",
+            labels=["store"],
+        )
+        excess.add_metric([str(status.get("store", ""))], float(status.get("excess_calls", 0) or 0))
+        yield excess
 
     def _policies(self) -> Iterator[Metric]:
         view = self._sources.policies()
@@ -293,12 +310,34 @@ class StateCollector(Collector):
             return
         entries = CounterMetricFamily(
             "aup_ledger_entries",
-            "Violation ledger entries by result (written, dropped when the queue overflowed).",
+            "Ledger entry versions written, and final episodes dropped when the queue overflowed.",
             labels=["result"],
         )
         entries.add_metric(["written"], float(status.get("written", 0)))
         entries.add_metric(["dropped"], float(status.get("dropped", 0)))
         yield entries
+        episodes = CounterMetricFamily(
+            "aup_ledger_episodes", "Lockout episodes written final to the ledger."
+        )
+        episodes.add_metric([], float(status.get("episodes", 0)))
+        yield episodes
+        evicted = CounterMetricFamily(
+            "aup_ledger_evicted_episodes",
+            "Final episodes dropped because their identity reached ledger.max_per_identity.",
+        )
+        evicted.add_metric([], float(status.get("evicted", 0)))
+        yield evicted
+        bounded = GaugeMetricFamily(
+            "aup_ledger_identities_at_bound",
+            "Identities whose ledger bound has dropped episodes since this process started.",
+        )
+        bounded.add_metric([], float(status.get("evicted_identities", 0)))
+        yield bounded
+        open_episodes = GaugeMetricFamily(
+            "aup_ledger_open_episodes", "Episodes whose key is still locked (written each flush)."
+        )
+        open_episodes.add_metric([], float(status.get("open_episodes", 0)))
+        yield open_episodes
         errors = CounterMetricFamily(
             "aup_ledger_write_errors", "Ledger flushes that failed (kept queued and retried)."
         )

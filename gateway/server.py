@@ -33,7 +33,7 @@ from gateway.app import Gateway
 from gateway.connection import GuardedServer
 from gateway.errors import ConfigError
 from gateway.history import History
-from gateway.ledger import LedgerWriter, ledger_sink
+from gateway.ledger import LedgerWriter, excess_entry, ledger_writer
 from gateway.limiter.base import Limiter
 from gateway.metrics import GatewayMetrics, StateSources
 from gateway.reload import PolicyReloader, ReloadResult
@@ -117,7 +117,7 @@ async def start(
     if callable(warm_up):  # ResilientLimiter: load scripts now; never fails
         await warm_up()
     metrics = GatewayMetrics()
-    ledger = LedgerWriter(ledger_sink(settings), settings.identity)
+    ledger = ledger_writer(settings)
     reloader = PolicyReloader(
         gateway, reload_interval, on_result=lambda result: metrics.reload_result(result.ok)
     )
@@ -133,6 +133,10 @@ async def start(
     )
     # Observers run after every call, in order: access log (if on), metrics, ledger queue.
     gateway.observers.extend([metrics.observe, ledger.observe])
+    # Keys the local fallback let past their policy, found when the store returns.
+    gateway.limiter.on_excess.append(
+        lambda excess: ledger.record(excess_entry(excess, time.time()))
+    )
     limits = settings.limits
     server = GuardedServer(  # adds read/send deadlines and the per-identity connection cap
         gateway.handle,

@@ -101,8 +101,12 @@ class Application:
 
 @dataclass(frozen=True, slots=True)
 class LedgerSettings:
+    """The episode ledger (ledger.py): where, how long, how much per identity, how often."""
+
     path: Path | None = None
-    max_entries: int = 1_000_000
+    retention: float = 400 * 86_400.0  # seconds an episode is kept after its last rejection
+    max_per_identity: int = 10_000  # final episodes kept per identity within the retention
+    flush_interval: float = 1.0  # seconds between writes; also what a SIGKILL can lose
 
 
 @dataclass(frozen=True)
@@ -207,9 +211,12 @@ def _read_settings(top: Fields, source: Path) -> Settings | None:
 
     ledger = LedgerSettings()
     if (sub := top.sub("ledger")) is not None:
+        d_ledger = LedgerSettings()
         ledger = LedgerSettings(
             path_of(sub, "path", required=False),
-            sub.value("max_entries", int, 1_000_000, _positive),
+            sub.converted("retention", parse_duration, d_ledger.retention),
+            sub.value("max_per_identity", int, d_ledger.max_per_identity, _positive),
+            sub.converted("flush_interval", parse_duration, d_ledger.flush_interval),
         )
         sub.done()
 

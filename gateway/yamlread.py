@@ -18,8 +18,8 @@ from gateway.errors import ConfigError
 
 T = TypeVar("T")
 _MISSING: Any = object()
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
 _SIZE_UNITS = {
     None: 1,
@@ -67,7 +67,7 @@ def compose(path: Path, problems: Problems) -> yaml.Node | None:
 
 
 def parse_duration(text: str) -> float:
-    """`500ms`, `5s`, `1m`, `1h` -> seconds; ValueError otherwise."""
+    """`500ms`, `5s`, `1m`, `1h`, `400d` -> seconds; ValueError otherwise."""
     match = _DURATION.match(text)
     if not match:
         raise ValueError(f"{text!r} is not a duration (use 500ms, 5s, 1m, 1h)")

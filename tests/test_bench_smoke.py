@@ -10,6 +10,7 @@ import pytest
 
 from bench import configs
 from bench.ab import parse_ab
+from bench.ledger import ledger_table, run_ledger_costs
 from bench.run import SCENARIOS, select
 from gateway.certs import DemoCerts, write_demo_certs
 from gateway.policy import load_policies
@@ -115,3 +116,21 @@ def test_only_selects_scenarios_by_words() -> None:
         "gateway memory rejected",
     ]
     assert len(select("", SCENARIOS)) == len(SCENARIOS)
+
+
+def test_the_ledger_bench_measures_both_ledgers(redis_url: str) -> None:
+    """A small run of bench/ledger.py: the episode ledger holds one entry per lockout (1 for a
+    flood, 1,000 when spread over 1,000 keys), the per-rejection one an entry per rejection.
+    The per-rejection rows need the old ledger from git history, which a shallow clone (CI may
+    make one) lacks: then the bench says so and only the episode rows are checked."""
+    costs, missing = run_ledger_costs(redis_url, n=3_000)
+    held = {(c.ledger, c.sink, c.shape): c.entries for c in costs}
+    for sink in ("file", "redis-stream"):
+        assert held[("episode", sink, "flood")] == 1
+        assert held[("episode", sink, "spread")] == 1_000
+        if missing is None:
+            assert held[("per-rejection", sink, "flood")] == 3_000
+        else:
+            assert "git show" in missing
+    assert all(c.total_us > 0 for c in costs)
+    assert "| episode | redis-stream | flood |" in ledger_table([c.as_dict() for c in costs])

@@ -149,14 +149,16 @@ async def test_a_shadow_policy_lets_calls_through_and_records_them(
         == 2
     )
 
+    # one open episode: both shadow hits, the first and the last request id
     entries = (await admin(stack, "GET", "/ledger"))[1]["entries"]
-    assert [e["request_id"] for e in entries] == shadow_ids
-    assert {e["decision"] for e in entries} == {"shadow"}
-    assert all(
-        e["policy"] == "oms-retrieve" and e["retry_after"] == pytest.approx(5) for e in entries
-    )
+    assert [(e["first_request_id"], e["last_request_id"]) for e in entries] == [
+        (shadow_ids[0], shadow_ids[1])
+    ]
+    assert [(e["decision"], e["count"], e["final"]) for e in entries] == [("shadow", 2, False)]
+    assert entries[0]["policy"] == "oms-retrieve"
+    assert entries[0]["retry_after"] == pytest.approx(5)
     logged = [r.getMessage() for r in caplog.records if r.name == "gateway.shadow"]
-    assert len(logged) == 2 and all("oms-retrieve" in line for line in logged)
+    assert len(logged) == 1 and "oms-retrieve" in logged[0] and "2 times so far" in logged[0]
     assert shadow_ids[0] in logged[0]
 
 
@@ -183,5 +185,5 @@ async def test_the_global_shadow_switch_shadows_every_enforcing_policy(
     assert explained["policy"]["effective_mode"] == "shadow"
     assert "shadow" in explained["applies"]
     entries = (await admin(stack, "GET", "/ledger"))[1]["entries"]
-    assert [e["decision"] for e in entries] == ["shadow", "shadow"]
+    assert [(e["decision"], e["count"]) for e in entries] == [("shadow", 2)]
     assert (await admin(stack, "GET", "/policies"))[1]["mode"] == "shadow"

@@ -323,9 +323,12 @@ async def test_hung_redis_costs_at_most_the_timeout(
     )
     assert slowest < settings.timeout + 0.05  # the pooled connections' socket timeout
     assert len(during) > 100
-    # The breaker: the calls in flight at the pause, then one probe per cooldown, pay the timeout.
-    bound = 8 + outage / settings.breaker_cooldown + 2
-    assert slow <= bound and attempts <= bound
+    # The breaker: the calls in flight at the pause, then one probe per cooldown, reach Redis;
+    # the calls that arrive while a probe is in flight wait for it (never longer than it takes)
+    # rather than decide locally, so each probe can hold up each of the 8 workers once.
+    probes = outage / settings.breaker_cooldown + 2
+    assert attempts <= 8 + probes
+    assert slow <= 8 + 8 * probes
     assert transitions(caplog) == ["down", "up"]
     await lim.close()
 
@@ -349,7 +352,30 @@ async def test_a_cancelled_probe_does_not_wedge_the_breaker(
         redis_server.resume()
     calls = lim.store_calls
     _, source = await lim.decide_with_source(key("CN=probe"), OMS)
-    assert (source, lim.state, lim.store_calls) == ("store", "ok", calls + 1)
+    # the probe (a PING, then the local calls merged in), then the decision itself
+    assert (source, lim.state, lim.store_calls) == ("store", "ok", calls + 2)
+    await lim.close()
+
+
+async def test_calls_that_arrive_during_a_probe_wait_for_it_and_go_to_the_store(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """The half-open breaker: forty concurrent calls for a fresh key (limit 1) right after the
+    cooldown: one is the probe, the other 39 wait for it, and every one is decided by Redis:
+    exactly one allowed (deciding the 39 locally would have allowed a second)."""
+    now = [0.0]
+    redis_limiter = primary(limiter_from_url(store(redis_url, timeout=0.25)))
+    lim = ResilientLimiter(redis_limiter, cooldown=1.0, monotonic=lambda: now[0], probe_wait=5.0)
+    await asyncio.to_thread(redis_server.stop)
+    assert (await lim.decide_with_source(key("CN=probe"), OMS))[1] == "local"
+    await asyncio.to_thread(redis_server.start)
+    now[0] = 1.5  # the cooldown is over: the next call is the probe
+    answers = await asyncio.gather(
+        *(lim.decide_with_source(key("CN=fresh"), OMS) for _ in range(40))
+    )
+    assert {source for _, source in answers} == {"store"}
+    assert sum(d.allowed for d, _ in answers) == 1
+    assert lim.state == "ok"
     await lim.close()
 
 
@@ -533,10 +559,11 @@ async def test_key_prefix_namespaces_without_moving_the_hash_tag(
     client.close()
 
 
-async def test_an_idle_gateway_notices_the_store_is_back_when_probed(
+async def test_an_idle_gateway_notices_the_store_is_back_by_itself(
     redis_server: RedisServer,
 ) -> None:
-    """/readyz calls probe(): with no calls arriving, the state still goes back to ok."""
+    """The background prober (started by start()): with no call arriving and nobody asking
+    /readyz, the state goes back to ok within the cooldown plus one store round trip."""
     settings = store(redis_server.url, timeout=0.05, connect_timeout=0.05, breaker_cooldown=0.1)
     lim = limiter_from_url(settings)
     await lim.start()
@@ -544,14 +571,69 @@ async def test_an_idle_gateway_notices_the_store_is_back_when_probed(
         redis_server.stop()
         await lim.decide(key("CN=idlex0001"), OMS)  # fails over: the breaker opens
         assert lim.state == "fallback"
-        await lim.probe()  # within the cooldown: not even tried
-        assert lim.state == "fallback"
-        redis_server.start()
-        await asyncio.sleep(0.15)
         calls = lim.store_calls
-        await lim.probe()
-        assert lim.state == "ok" and lim.store_calls == calls + 1
+        await lim.probe()  # within the cooldown: not even tried
+        assert lim.state == "fallback" and lim.store_calls == calls
+        await asyncio.sleep(0.35)  # three cooldowns: the prober tried (and failed) by itself
+        assert lim.state == "fallback" and lim.store_calls > calls
+        redis_server.start()
+        await wait_for_state(lim, "ok", within=5.0)  # no call made, no probe() asked
+        calls = lim.store_calls
+        await lim.probe()  # closed: probe() does nothing
+        assert lim.store_calls == calls
     finally:
         if not redis_server.running:
             redis_server.start()
         await lim.close()
+
+
+# -- reconciliation: what the fallback allowed, merged into the store ---------------------------
+
+
+async def test_reconcile_merges_local_calls_on_the_store_clock(
+    limiter: ResilientLimiter,
+) -> None:
+    """Local calls are sent as ages and placed on the store's clock; every call in the window is
+    replayed as the store would have decided it (the excess), and only the newest N are kept."""
+    redis = primary(limiter)
+    k, rate = key("CN=mergex0001"), Rate(limit=2, per=10.0)
+    assert (await redis.decide(k, rate)).allowed  # the store's own call, now
+    # two local calls 2 s and 1 s ago, one 20 s ago (outside the window: ignored)
+    excess, merged, _ = await redis.reconcile(k, rate, [2.0, 1.0, 20.0], 0.0)
+    assert (merged, excess) == (2, 1)  # three calls in 10 s where the policy allows two
+    state = await redis.peek(k, rate)
+    assert state.calls_in_window == 2  # the newest two
+    refused = await redis.decide(k, rate)
+    assert not refused.allowed
+    assert refused.retry_after == pytest.approx(9.0, abs=0.5)  # the call 1 s ago + 10 s
+
+
+async def test_a_local_lockout_is_merged_too(limiter: ResilientLimiter) -> None:
+    redis = primary(limiter)
+    k, rate = key("CN=mergex0002"), Rate(limit=1, per=30.0, reset_on_early_retry=True)
+    excess, merged, _ = await redis.reconcile(k, rate, [], 25.0)  # locked locally for 25 s more
+    assert (excess, merged) == (0, 0)
+    refused = await redis.decide(k, rate)
+    assert not refused.allowed and refused.retry_after == 30.0  # the early retry resets it
+
+
+async def test_the_fallbacks_keys_are_merged_before_the_breaker_closes(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    now = [0.0]
+    lim = ResilientLimiter(
+        primary(limiter_from_url(store(redis_url, timeout=0.25))),
+        cooldown=1.0,
+        monotonic=lambda: now[0],
+    )
+    await asyncio.to_thread(redis_server.stop)
+    decision, source = await lim.decide_with_source(key("CN=mergex0003"), OMS)
+    assert decision.allowed and source == "local"
+    await asyncio.to_thread(redis_server.start)
+    now[0] = 1.5
+    await lim.probe()
+    assert lim.state == "ok" and (lim.reconciled_keys, lim.reconciled_calls) == (1, 1)
+    assert len(lim.fallback) == 0  # handed over
+    refused, source = await lim.decide_with_source(key("CN=mergex0003"), OMS)
+    assert not refused.allowed and source == "store"
+    await lim.close()

@@ -106,6 +106,8 @@ def limiter_from_url(
         fallback=fallback,
         clock=clock,
         label=label,
+        # A call that finds a probe in flight waits for it at most as long as the probe can take.
+        probe_wait=store.timeout + store.connect_timeout,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from gateway.limiter.base import Decision, KeyState, Rate
 
@@ -17,12 +18,23 @@ _SWEEP_PER_CALL = 4
 
 
 class _Entry:
-    __slots__ = ("calls", "expires_at", "locked_until")
+    __slots__ = ("calls", "expires_at", "locked_until", "rate")
 
     def __init__(self) -> None:
         self.calls: list[float] = []
         self.locked_until = 0.0
         self.expires_at = 0.0
+        self.rate: Rate | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LocalState:
+    """One key's state as the local fallback left it, for reconciliation with the store."""
+
+    key: str
+    rate: Rate
+    calls: tuple[float, ...]  # allowed calls still within the window, oldest first
+    locked_until: float  # 0 when not locked
 
 
 class MemoryLimiter:
@@ -49,6 +61,7 @@ class MemoryLimiter:
             entry = entries[key] = _Entry()
         else:
             entries.move_to_end(key)
+        entry.rate = rate
         window = rate.per
         calls = entry.calls
         horizon = t - window
@@ -93,6 +106,34 @@ class MemoryLimiter:
 
     async def close(self) -> None:
         self._entries.clear()
+
+    def drain(self, t: float) -> list[LocalState]:
+        """Take every key that still affects a decision at `t` out of this limiter (the store's
+        fallback hands them to the store when it returns)."""
+        taken: list[LocalState] = []
+        for key, entry in self._entries.items():
+            rate = entry.rate
+            if rate is None or entry.expires_at <= t:
+                continue
+            calls = tuple(c for c in entry.calls if c > t - rate.per)
+            locked_until = entry.locked_until if entry.locked_until > t else 0.0
+            if calls or locked_until:
+                taken.append(LocalState(key, rate, calls, locked_until))
+        self._entries.clear()
+        return taken
+
+    def restore(self, states: list[LocalState]) -> None:
+        """Put drained keys back (the store failed again before it took them), merged with any
+        decision made since."""
+        for state in states:
+            entry = self._entries.get(state.key)
+            if entry is None:
+                entry = self._entries[state.key] = _Entry()
+            entry.rate = state.rate
+            entry.calls = sorted({*entry.calls, *state.calls})
+            entry.locked_until = max(entry.locked_until, state.locked_until)
+            ends = entry.calls[-1] + state.rate.per if entry.calls else 0.0
+            entry.expires_at = max(entry.expires_at, entry.locked_until, ends)
 
     def _sweep(self, t: float, budget: int) -> None:
         entries = self._entries

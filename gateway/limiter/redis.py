@@ -284,6 +284,7 @@ class RedisLimiter:
         self._owns_client = owns_client
         self._decide_src, self._decide_sha = _script("decide.lua")
         self._peek_src, self._peek_sha = _script("peek.lua")
+        self._reconcile_src, self._reconcile_sha = _script("reconcile.lua")
         self.script_loads = 0
 
     @property
@@ -297,7 +298,19 @@ class RedisLimiter:
         await self._call(self._load)
 
     async def ping(self) -> None:
-        await self._call(self._client.ping)
+        """One round trip, down the connection decisions use (the breaker's probe: it also
+        reconnects that connection before any decision needs it)."""
+        pipeline = self._pipeline
+        if pipeline is None:
+            await self._call(self._client.ping)
+            return
+
+        async def pong() -> None:
+            reply = await pipeline.call(_pack("PING"))
+            if isinstance(reply, hiredis.ReplyError):  # LOADING, ...
+                raise StoreUnavailable(f"redis: {reply}")
+
+        await self._call(pong)
 
     async def decide(self, key: str, rate: Rate, now: float | None = None) -> Decision:
         args: tuple[_Arg, ...] = (
@@ -317,6 +330,21 @@ class RedisLimiter:
         args: tuple[_Arg, ...] = (rate.limit, round(rate.per * _US), _now_arg(now))
         calls, locked_us, retry_us, now_us = await self._evalsha(self._peek_sha, key, args)
         return KeyState(calls, locked_us / _US, retry_us / _US, now_us / _US)
+
+    async def reconcile(
+        self, key: str, rate: Rate, ages: list[float], lock_left: float
+    ) -> tuple[int, int, float]:
+        """Merge calls a local fallback allowed (`ages`: seconds before now) and its lockout
+        (`lock_left` seconds) into the key, on the store's clock (reconcile.lua).
+        Returns (calls beyond the policy, calls merged, the store's time)."""
+        args: tuple[_Arg, ...] = (
+            rate.limit,
+            round(rate.per * _US),
+            round(max(lock_left, 0.0) * _US),
+            *(round(max(age, 0.0) * _US) for age in ages),
+        )
+        excess, merged, now_us = await self._evalsha(self._reconcile_sha, key, args)
+        return excess, merged, now_us / _US
 
     async def clear(self, key: str) -> bool:
         async def delete() -> int:
@@ -372,7 +400,11 @@ class RedisLimiter:
         return await self._call(run)
 
     async def _load(self) -> None:
-        for source, sha in ((self._decide_src, self._decide_sha), (self._peek_src, self._peek_sha)):
+        for source, sha in (
+            (self._decide_src, self._decide_sha),
+            (self._peek_src, self._peek_sha),
+            (self._reconcile_src, self._reconcile_sha),
+        ):
             loaded = await self._client.script_load(source)
             if loaded != sha:
                 raise StoreUnavailable(f"redis: SCRIPT LOAD returned {loaded!r}, expected {sha}")

@@ -1,0 +1,78 @@
+-- Merge what a replica's local fallback decided during a store outage into one key, atomically,
+-- on the store's clock (docs/outage.md).
+--
+-- KEYS[1]  the key, from limiter_key()
+-- ARGV[1]  limit N
+-- ARGV[2]  window W, integer microseconds
+-- ARGV[3]  the local lockout's time left, integer microseconds (0: not locked)
+-- ARGV[4..] the ages of the calls the fallback allowed, integer microseconds before now
+--
+-- The replica sends ages, not times, so its clock never meets the store's: each call is placed
+-- at (store now - age). Returns {excess, calls merged, now_us}: `excess` is how many calls, of
+-- the store's and the merged ones still in the window, the store would have rejected had it
+-- decided them all in time order.
+
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local lock_left = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local horizon = now - window
+
+local locked_until, calls = 0, {}
+local state = redis.call('GET', KEYS[1])
+if state then
+  local first = true
+  for v in string.gmatch(state, '-?%d+') do
+    local x = tonumber(v)
+    if first then
+      locked_until, first = x, false
+    elseif x > horizon then
+      calls[#calls + 1] = x
+    end
+  end
+end
+local merged = 0
+for i = 4, #ARGV do
+  local x = now - tonumber(ARGV[i])
+  if x > horizon then
+    calls[#calls + 1] = x
+    merged = merged + 1
+  end
+end
+table.sort(calls)
+
+-- The store's decisions replayed over every call: those it would have refused are the excess.
+local admitted, excess = {}, 0
+for _, x in ipairs(calls) do
+  local n = 0
+  for _, a in ipairs(admitted) do
+    if a > x - window then
+      n = n + 1
+    end
+  end
+  if n < limit then
+    admitted[#admitted + 1] = x
+  else
+    excess = excess + 1
+  end
+end
+
+if lock_left > 0 and now + lock_left > locked_until then
+  locked_until = now + lock_left
+end
+-- Keep the newest N calls: a later call is admitted only once fewer than N calls are in its
+-- window, and the older calls dropped here leave the window before the kept ones do.
+local first_kept = math.max(1, #calls - limit + 1)
+local free_at = locked_until
+if #calls > 0 and calls[#calls] + window > free_at then
+  free_at = calls[#calls] + window
+end
+if free_at > now then
+  local parts = {string.format('%.0f', locked_until > now and locked_until or 0)}
+  for i = first_kept, #calls do
+    parts[#parts + 1] = string.format('%.0f', calls[i])
+  end
+  redis.call('SET', KEYS[1], table.concat(parts, ' '), 'PX', math.ceil((free_at - now) / 1000))
+end
+return {excess, merged, now}
