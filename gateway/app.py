@@ -276,7 +276,7 @@ class Gateway:
             status=status,
             code=code,
             message=message,
-            application=outcome.application or None,
+            application=outcome.application or (app.name if app is not None else None),
             service=outcome.service or None,
             request_id=outcome.request_id,
             statuses=app.fault_statuses if app is not None else "binding",

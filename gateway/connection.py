@@ -296,6 +296,7 @@ class GuardedHandler(RequestHandler):
 
     async def _refuse_connection(self, request: web.BaseRequest) -> web.StreamResponse:
         shape = faults.shape_for(None, request.headers.get(hdrs.CONTENT_TYPE, ""))
+        request_id = str(uuid.uuid4())
         fault = faults.error_fault(
             shape,
             status=429,
@@ -305,10 +306,11 @@ class GuardedHandler(RequestHandler):
             "or close one, and retry in 1 second.",
             application=None,
             service=None,
-            request_id=str(uuid.uuid4()),
+            request_id=request_id,
             retry_after=1,
         )
         response = web.Response(status=fault.status, headers=fault.headers, body=fault.body)
+        response.headers["X-Request-Id"] = request_id
         response.headers[hdrs.SERVER] = self._guard.server_name
         response.force_close()
         return response
