@@ -324,4 +324,3 @@ def log_access(outcome: Outcome) -> None:
             separators=(",", ":"),
         )
     )
-

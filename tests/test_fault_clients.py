@@ -162,7 +162,14 @@ KINDS: list[tuple[str, Make, str, int, ErrorCode, int | None]] = [
     ("violation-1.1", violation, SOAP11, 500, ErrorCode.VIOLATION, 5),
     ("violation-1.2", violation, SOAP12, 400, ErrorCode.VIOLATION, 5),
     ("unknown-application", unknown_application, SOAP11, 500, ErrorCode.UNKNOWN_APPLICATION, None),
-    ("unknown-application-1.2", unknown_application, SOAP12, 400, ErrorCode.UNKNOWN_APPLICATION, None),
+    (
+        "unknown-application-1.2",
+        unknown_application,
+        SOAP12,
+        400,
+        ErrorCode.UNKNOWN_APPLICATION,
+        None,
+    ),
     ("unknown-service", unknown_service, SOAP11, 500, ErrorCode.UNKNOWN_SERVICE, None),
     ("not-provisioned", not_provisioned, SOAP11, 500, ErrorCode.NOT_PROVISIONED, None),
     ("not-provisioned-1.2", not_provisioned, SOAP12, 400, ErrorCode.NOT_PROVISIONED, None),
@@ -252,9 +259,7 @@ def zeep_call(stack: Stack, soap: str) -> tuple[zeep.exceptions.Fault, Any]:
     transport = zeep.transports.Transport(session=requests_session(stack))
     client = zeep.Client(str(WSDL / f"RetrieveDRLocations_{soap}.wsdl"), transport=transport)
     binding = "Soap11Binding" if soap == "soap11" else "Soap12Binding"
-    service = client.create_service(
-        f"{TNS}{binding}", f"{stack.url}/sst/drrs/{DRRS_RETRIEVE}"
-    )
+    service = client.create_service(f"{TNS}{binding}", f"{stack.url}/sst/drrs/{DRRS_RETRIEVE}")
     with pytest.raises(zeep.exceptions.Fault) as caught:
         service.RetrieveDRLocations(resourceId="R1")
     fault = caught.value
@@ -396,7 +401,10 @@ async def test_server_header_names_no_software(stack_factory: StackFactory) -> N
     writer.write(b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n")
     raw = await asyncio.wait_for(reader.read(65536), 5)
     writer.close()
-    assert raw.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request") and b"\r\nServer: Market-Gateway\r\n" in raw
+    assert (
+        raw.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+        and b"\r\nServer: Market-Gateway\r\n" in raw
+    )
     async with aiohttp.ClientSession() as admin, admin.get(f"{stack.admin_url}/healthz") as health:
         assert health.headers["Server"] == "Market-Gateway"
     assert b"python" not in raw.lower() and b"aiohttp" not in raw.lower()

@@ -218,7 +218,9 @@ def test_soap11_status_override_keeps_client_fault() -> None:
     assert one(parse(fault.body), f"{SOAP11}Body/{SOAP11}Fault/faultcode").text == "soapenv:Client"
 
 
-@pytest.mark.parametrize(("statuses", "forbidden", "timeout"), [("binding", 500, 500), ("http", 403, 504)])
+@pytest.mark.parametrize(
+    ("statuses", "forbidden", "timeout"), [("binding", 500, 500), ("http", 403, 504)]
+)
 def test_soap11_error_faults_client_and_server(
     statuses: FaultStatuses, forbidden: int, timeout: int
 ) -> None:
