@@ -28,6 +28,7 @@ reaches a header is reduced to printable ASCII.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -214,6 +215,7 @@ def unknown_message_fields(template: str) -> list[str]:
 # --- headers -----------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)  # per policy and rate: on every allowed call, bounded
 def policy_header(policy_name: str, rate: Rate) -> str:
     """The `RateLimit-Policy` value for one policy (draft-ietf-httpapi-ratelimit-headers).
 
@@ -226,6 +228,11 @@ def policy_header(policy_name: str, rate: Rate) -> str:
     if rate.reset_on_early_retry:
         value += ";x-reset-on-early-retry"
     return value
+
+
+@functools.lru_cache(maxsize=1024)
+def _sf_name(policy_name: str) -> str:
+    return _sf_string(policy_name)
 
 
 def _rate_limit_value(name_sf: str, decision: Decision) -> str:
@@ -246,7 +253,7 @@ def rate_limit_headers(policy_name: str, rate: Rate, decision: Decision) -> dict
     """
     headers = {
         "RateLimit-Policy": policy_header(policy_name, rate),
-        "RateLimit": _rate_limit_value(_sf_string(policy_name), decision),
+        "RateLimit": _rate_limit_value(_sf_name(policy_name), decision),
     }
     if not decision.allowed:
         headers["Retry-After"] = str(retry_after_seconds(decision.retry_after))

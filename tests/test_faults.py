@@ -514,8 +514,11 @@ def test_module_has_no_tree_building_imports() -> None:
     assert "ElementTree" not in source and "minidom" not in source
 
 
+@pytest.mark.parametrize("statuses", ["binding", "http"])
 @pytest.mark.parametrize("shape", ["soap11", "soap12", "problem", "errorlist"])
-def test_cached_violation_faults_are_byte_for_byte_the_rendered_ones(shape: str) -> None:
+def test_cached_violation_faults_are_byte_for_byte_the_rendered_ones(
+    shape: str, statuses: FaultStatuses
+) -> None:
     from gateway.faults import ViolationFaults, render_message, violation_fault
 
     cache = ViolationFaults()
@@ -537,6 +540,7 @@ def test_cached_violation_faults_are_byte_for_byte_the_rendered_ones(shape: str)
             application="DRRS",
             service="Svc<&>",
             request_id=request_id,
+            statuses=statuses,
         )
         rendered = violation_fault(
             shape,
@@ -547,7 +551,11 @@ def test_cached_violation_faults_are_byte_for_byte_the_rendered_ones(shape: str)
             service="Svc<&>",
             request_id=request_id,
             message=render_message(template, retry_after=retry, service="Svc<&>", per=30.0),
+            statuses=statuses,
         )
+        # the request id and the time each appear twice in a SOAP detail
+        if shape.startswith("soap"):
+            assert cached.body.count(xml_text(request_id).encode()) == 2
         assert (cached.status, cached.headers, cached.body) == (
             rendered.status,
             rendered.headers,
