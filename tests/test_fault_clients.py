@@ -433,3 +433,13 @@ async def test_forwarded_answers_keep_the_upstreams_server_else_ours(
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_the_readme_example_fault_is_valid() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## What a violator sees") :]
+    start = section.index("```xml") + len("```xml")
+    example = section[start : section.index("```", start)]
+    output = standard_output(example.encode())
+    assert text(output, "so:EventLog/so:collectionQuantity") == "30"
+    assert text(output, "so:EventLog/so:Event/so:result") == ErrorCode.VIOLATION
