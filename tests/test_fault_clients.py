@@ -254,12 +254,12 @@ def requests_session(stack: Stack) -> requests.Session:
     return session
 
 
-def zeep_call(stack: Stack, soap: str) -> tuple[zeep.exceptions.Fault, Any]:
+def zeep_call(stack: Stack, soap: str, app: str = "drrs") -> tuple[zeep.exceptions.Fault, Any]:
     """A DRRS call through zeep; the Fault it raises (anything else fails the test)."""
     transport = zeep.transports.Transport(session=requests_session(stack))
     client = zeep.Client(str(WSDL / f"RetrieveDRLocations_{soap}.wsdl"), transport=transport)
     binding = "Soap11Binding" if soap == "soap11" else "Soap12Binding"
-    service = client.create_service(f"{TNS}{binding}", f"{stack.url}/sst/drrs/{DRRS_RETRIEVE}")
+    service = client.create_service(f"{TNS}{binding}", f"{stack.url}/sst/{app}/{DRRS_RETRIEVE}")
     with pytest.raises(zeep.exceptions.Fault) as caught:
         service.RetrieveDRLocations(resourceId="R1")
     fault = caught.value
@@ -288,6 +288,23 @@ async def test_zeep_reads_the_violation_typed(stack_factory: StackFactory, soap:
     assert int(log.collectionQuantity) == 30
     assert log.id == event.id
     assert log.Service[0].id == "DRRS" and log.Service[0].name == DRRS_RETRIEVE
+
+
+@pytest.mark.parametrize("soap", ["soap11", "soap12"])
+async def test_zeep_reads_error_faults_typed(stack_factory: StackFactory, soap: str) -> None:
+    # Not provisioned for DRRS (a Client/Sender fault), then OMS's upstream down (Server/Receiver).
+    refused = await stack_factory({"access.yaml": ACCESS})
+    fault, typed = await asyncio.to_thread(zeep_call, refused, soap)
+    assert fault.code == ("soapenv:Client" if soap == "soap11" else "env:Sender")
+    assert typed.EventLog[0].Event[0].result == ErrorCode.NOT_PROVISIONED
+    assert typed.EventLog[0].Event[0].description == fault.message
+    assert "not provisioned for DRRS" in fault.message
+
+    down = await stack_factory(OMS, oms_port=free_port())
+    fault, typed = await asyncio.to_thread(zeep_call, down, soap, "oms")
+    assert fault.code == ("soapenv:Server" if soap == "soap11" else "env:Receiver")
+    assert typed.EventLog[0].Event[0].result == ErrorCode.UPSTREAM_UNAVAILABLE
+    assert typed.EventLog[0].Service[0].id == "OMS"
 
 
 class TlsTransport(suds.transport.http.HttpTransport):  # type: ignore[misc]
