@@ -168,12 +168,7 @@ class GatewayMetrics:
                 violation = self._violations[vkey] = self.violations.labels(*vkey)
             violation.inc()
         status = outcome.upstream_status
-        if status or (
-            outcome.application
-            and outcome.status in (502, 504)
-            and decision != "refused"
-            and decision != "rejected"
-        ):
+        if status or outcome.upstream_failed:
             ukey = (outcome.application, status)
             upstream = self._upstream.get(ukey)
             if upstream is None:

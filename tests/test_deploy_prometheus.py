@@ -8,8 +8,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import aiohttp
-import pytest
 import yaml
 
 from tests.support.ops import admin, free_port, samples, wait_for
@@ -119,16 +117,17 @@ async def test_every_rule_selects_series_a_running_gateway_exports(
     stack_factory: StackFactory,
 ) -> None:
     # OMS points at a port nobody listens on (upstream errors); DRRS at the mock (allowed,
-    # then rejected); an anonymous client is refused at the handshake.
+    # then rejected); an anonymous client is answered 403-in-a-fault and counted as a refusal.
     stack = await stack_factory(
         {"drrs.yaml": DRRS.format(per="30s")}, oms_port=free_port(), extra=""
     )
     client = stack.client()
     assert (await stack.soap(client, "drrs", "RetrieveDRLocations_DRRSv2_AP")).status == 200
     assert (await stack.soap(client, "drrs", "RetrieveDRLocations_DRRSv2_AP")).status == 500
-    assert (await stack.soap(client, "oms", "RetrieveCurrentOutages_OMSv1_AP")).status == 502
-    with pytest.raises(aiohttp.ClientError):
-        await stack.soap(stack.client(None), "oms", "RetrieveCurrentOutages_OMSv1_AP")
+    down = await stack.soap(client, "oms", "RetrieveCurrentOutages_OMSv1_AP")
+    assert down.status == 500 and b"AUP-UPSTREAM-UNAVAILABLE" in await down.read()
+    anonymous = await stack.soap(stack.client(None), "oms", "RetrieveCurrentOutages_OMSv1_AP")
+    assert b"AUP-NO-CERTIFICATE" in await anonymous.read()
 
     scraped: Samples = {}
 
