@@ -224,6 +224,7 @@ async def test_curl_sees_a_violation_fault_with_retry_after(stack: Stack) -> Non
     assert retry_after and retry_after[1] == "2", second.stdout[:600]
     assert "<faultstring>" in second.stdout
     assert "retry your request again in 2 seconds" in described(second.stdout)
+    assert "<collectionQuantity>2</collectionQuantity>" in second.stdout  # the retry seconds
 
 
 async def test_curl_with_an_expired_certificate_gets_the_reason(stack: Stack) -> None:
@@ -266,6 +267,11 @@ async def test_curl_uploads_2mb_after_100_continue_and_nothing_when_refused(
 # --- Java 17 java.net.http.HttpClient --------------------------------------------------------
 
 
+def java_launcher() -> str:
+    require("javac", package="openjdk-17-jdk-headless")  # `java File.java` compiles it first
+    return require("java", package="openjdk-17-jdk-headless")
+
+
 def pkcs12_keystore(stack: Stack, user: str, password: bytes) -> Path:
     """The participant's certificate and key as a PKCS12 keystore Java's KeyStore reads."""
     cert_path, key_path = pair(stack, user)
@@ -292,7 +298,7 @@ def pkcs12_keystore(stack: Stack, user: str, password: bytes) -> Path:
 
 async def java_client(stack: Stack, user: str, *requests_: str) -> list[dict[str, object]]:
     """Run tests/clients/Client.java; one dict per request (status, headers, body or errors)."""
-    java = require("java", package="openjdk-17-jdk-headless")
+    java = java_launcher()
     keystore = pkcs12_keystore(stack, user, b"changeit")
     ran = await run(
         java,
@@ -352,6 +358,7 @@ async def test_java_httpclient_sees_the_violation_and_submits_2mb_with_expect_co
     assert violation["status"] == 500, violation
     assert violation["headers"]["retry-after"] == "2"  # type: ignore[index]
     assert "retry your request again in 2 seconds" in described(str(violation["body"]))
+    assert "<collectionQuantity>2</collectionQuantity>" in str(violation["body"])
     # expectContinue(true): Java waits for 100 Continue; it came, so no hang and no timeout.
     assert submit.get("status") == 200, submit
     assert submit["headers"]["x-echo-body-sha256"] == sha256(body)  # type: ignore[index]
@@ -433,8 +440,9 @@ async def test_node_soap_reads_the_violation_fault_through_the_wsdl(
     fault = violation["fault"]
     assert isinstance(fault, dict), violation
     assert "retry your request again in 2 seconds" in fault["faultstring"]
-    event = fault["detail"]["outputDataType"]["EventLog"]["Event"]
-    assert "retry your request again in 2 seconds" in event["description"]
+    event_log = fault["detail"]["outputDataType"]["EventLog"]
+    assert "retry your request again in 2 seconds" in event_log["Event"]["description"]
+    assert event_log["collectionQuantity"] == "2"  # the retry seconds, in a schema element
 
 
 async def test_node_soap_with_an_expired_certificate_gets_the_reason(
@@ -443,3 +451,77 @@ async def test_node_soap_with_an_expired_certificate_gets_the_reason(
     (refused,) = await node_soap(stack, node_modules, "expired", 1)
     assert not refused["ok"]
     assert EXPIRED.search(f"{refused['message']} {refused['code']}"), refused
+
+
+# --- JAX-WS (reference implementation 2.3, Debian's libjaxws-java) ---------------------------
+
+JAXWS_JARS = (
+    "jaxws-api",
+    "jaxws-rt",
+    "jws-api",
+    "javax.xml.soap-api",
+    "saaj-impl",
+    "jaxb-api",
+    "jaxb-runtime",
+    "javax.activation",
+    "stax-ex",
+    "streambuffer",
+    "mimepull",
+    "istack-commons-runtime",
+    "gmbal",
+    "glassfish-management-api",
+    "glassfish-pfl-basic",
+    "glassfish-pfl-tf",
+    "metro-policy",
+    "FastInfoset",
+)
+
+
+def jaxws_classpath() -> str:
+    jars = [Path("/usr/share/java") / f"{name}.jar" for name in JAXWS_JARS]
+    missing = [str(jar) for jar in jars if not jar.exists()]
+    if missing:
+        pytest.fail(
+            f"JAX-WS is not installed ({', '.join(missing)}): apt-get install libjaxws-java "
+            "(`make test` installs it when run as root)"
+        )
+    return os.pathsep.join(str(jar) for jar in jars)
+
+
+async def jaxws_client(stack: Stack, user: str, calls: int) -> list[str]:
+    java = java_launcher()
+    keystore = pkcs12_keystore(stack, user, b"changeit")
+    request = stack.folder / "oms.xml"
+    request.write_bytes(envelope(OMS_RETRIEVE))
+    ran = await run(
+        java,
+        "-cp",
+        jaxws_classpath(),
+        str(CLIENTS / "JaxwsClient.java"),
+        str(keystore),
+        "changeit",
+        str(stack.certs.ca),
+        soap_url(stack, "oms", OMS_RETRIEVE),
+        f"http://www.caiso.com/soa/{OMS_RETRIEVE}",
+        str(request),
+        str(calls),
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return ran.stdout.splitlines()
+
+
+async def test_jaxws_dispatch_reads_the_violation_fault(stack: Stack) -> None:
+    lines = await jaxws_client(stack, "jdoex1234", 2)
+    assert lines[0] == "OK ResourceOutageData", lines
+    faults = dict(line.split(" ", 1) for line in lines[1:])
+    assert "retry your request again in 2 seconds" in faults["FAULTSTRING"], lines
+    assert "retry your request again in 2 seconds" in faults["DESCRIPTION"], lines
+    assert faults["QUANTITY"] == "2", lines  # the retry seconds, in a schema element
+
+
+async def test_jaxws_with_an_expired_certificate_gets_the_reason(stack: Stack) -> None:
+    lines = await jaxws_client(stack, "expired", 1)
+    errors = " ".join(line for line in lines if line.startswith("EXCEPTION"))
+    assert "javax.net.ssl.SSL" in errors, lines
+    assert EXPIRED.search(errors), lines
