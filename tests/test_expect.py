@@ -204,8 +204,8 @@ async def test_the_body_deadline_waits_while_the_client_waits_for_100_continue(
     # not be cut off as a slow sender meanwhile.
     stack = await stack_factory(
         policies(SIBR_POLICY),
-        extra="limits: {read_timeout: 300ms}\n",
-        limiter=SlowLimiter(0.9),
+        extra="limits: {read_timeout: 500ms}\n",
+        limiter=SlowLimiter(1.5),
     )
     body = bid_set(64 * 1024)
     reader, writer = await open_tls(stack)
@@ -228,7 +228,7 @@ async def test_the_body_deadline_waits_while_the_client_waits_for_100_continue(
 async def test_the_body_deadline_runs_once_100_continue_is_sent(
     stack_factory: StackFactory,
 ) -> None:
-    stack = await stack_factory(policies(SIBR_POLICY), extra="limits: {read_timeout: 300ms}\n")
+    stack = await stack_factory(policies(SIBR_POLICY), extra="limits: {read_timeout: 500ms}\n")
     reader, writer = await open_tls(stack)
     try:
         writer.write(head(SIBR_PATH, TWO_MB))
