@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import ssl
+import subprocess
 import sys
 from pathlib import Path
 
@@ -392,8 +393,6 @@ def node_modules() -> Path:
     wanted = NODE_SOAP.rpartition("@")[2]
     if not installed.exists() or json.loads(installed.read_text())["version"] != wanted:
         prefix.mkdir(parents=True, exist_ok=True)
-        import subprocess
-
         done = subprocess.run(
             [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", NODE_SOAP],
             capture_output=True,
