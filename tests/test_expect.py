@@ -244,3 +244,18 @@ async def test_the_body_deadline_runs_once_100_continue_is_sent(
     server = stack.running._runners[0].server
     assert isinstance(server, GuardedServer)
     assert server.stats.body_timeouts == 1
+
+
+async def test_an_http10_request_never_gets_100_continue(stack_factory: StackFactory) -> None:
+    # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client, whatever it put in Expect.
+    stack = await stack_factory(policies(SIBR_POLICY))
+    body = bid_set(64 * 1024)
+    reader, writer = await open_tls(stack)
+    try:
+        writer.write(head(SIBR_PATH, len(body)).replace(b"HTTP/1.1\r\n", b"HTTP/1.0\r\n", 1) + body)
+        await writer.drain()
+        answer = await read_answer(reader)
+    finally:
+        writer.close()
+    assert answer.raw.startswith(b"HTTP/1.0 200") or answer.raw.startswith(b"HTTP/1.1 200")
+    assert answer.headers["x-echo-body-sha256"] == sha256(body)
