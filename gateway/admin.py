@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.app import Gateway
@@ -88,7 +88,13 @@ def create_admin_app(state: AdminState) -> web.Application:
     app.router.add_get("/ledger", ledger)
     app.router.add_get("/ops", ops_page)
     app.router.add_get("/ops/data", ops_data)
+    app.on_response_prepare.append(_server_header)
     return app
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    # The configured name, not aiohttp's default, which names the software and its version.
+    response.headers[hdrs.SERVER] = request.app[STATE].gateway.settings.server_name
 
 
 def _token_ok(request: web.Request) -> bool:

@@ -158,16 +158,25 @@ class Gateway:
             outcome.service = target.service
 
         policy = policies.match(app.name, target.service, request.method)
+        rate_headers: dict[str, str] = {}
         if policy is not None:
-            rejected = await self._decide(policy, identity, target, content_type, outcome)
-            if rejected is not None:
-                return rejected
+            decided = await self._decide(policy, identity, target, content_type, outcome)
+            if isinstance(decided, web.StreamResponse):
+                return decided
+            rate_headers = decided
 
         max_body = app.max_body if app.max_body is not None else self.settings.limits.max_body
         forwarded = time.perf_counter()
         try:
             response = await self.upstreams.forward(
-                request, app, target.upstream_path, identity, outcome.request_id, max_body, prefix
+                request,
+                app,
+                target.upstream_path,
+                identity,
+                outcome.request_id,
+                max_body,
+                prefix,
+                rate_headers,
             )
         except BodyTooLarge:
             too_large = self._error(
@@ -181,7 +190,12 @@ class Gateway:
             too_large.force_close()  # "Connection: close": the rest of the body is not read
             return too_large
         except UpstreamError as exc:
-            code = ErrorCode.UPSTREAM_UNAVAILABLE if exc.status >= 500 else ErrorCode.BAD_REQUEST
+            if exc.status == 504:
+                code = ErrorCode.UPSTREAM_TIMEOUT
+            elif exc.status >= 500:
+                code = ErrorCode.UPSTREAM_UNAVAILABLE
+            else:
+                code = ErrorCode.BAD_REQUEST
             return self._error(app, content_type, outcome, exc.status, code, exc.reason)
         outcome.upstream_status = response.status
         outcome.upstream_latency = time.perf_counter() - forwarded
@@ -194,14 +208,15 @@ class Gateway:
         target: Target,
         content_type: str,
         outcome: Outcome,
-    ) -> web.StreamResponse | None:
-        """Ask the limiter; the fault to send when the call is refused, else None."""
+    ) -> web.StreamResponse | dict[str, str]:
+        """Ask the limiter; the fault to send when the call is refused, else the `RateLimit-Policy`
+        and `RateLimit` headers for the forwarded answer (none when the identity is exempt)."""
         outcome.policy = policy.name
         key_identity = identity.key(self.settings.identity)
         rate = policy.rate_for(key_identity)
         if rate is None:
             outcome.decision = "exempt"
-            return None
+            return {}
         key = outcome.key = limiter_key(key_identity, target.application.name, target.service)
         asked = time.perf_counter()
         decision: Decision = await self.limiter.decide(key, rate, on_error=policy.on_store_error)
@@ -209,11 +224,15 @@ class Gateway:
         outcome.store_time = decision.now
         if decision.allowed:
             outcome.decision = "allowed"
-            return None
+            return faults.rate_limit_headers(policy.name, rate, decision)
         outcome.retry_after = decision.retry_after
         if policy.mode == "shadow" or self.settings.mode == "shadow":
             outcome.decision = "shadow"
-            return None
+            # The headers say what enforcement would: r=0 and the wait, so a participant sees
+            # during a shadow roll-out that it would be refused. No Retry-After: nothing failed.
+            headers = faults.rate_limit_headers(policy.name, rate, decision)
+            del headers["Retry-After"]
+            return headers
         outcome.decision = "rejected"
         app = target.application
         fault = self._violations.fault(
@@ -226,8 +245,9 @@ class Gateway:
             service=target.service,
             request_id=outcome.request_id,
             status=app.fault_status,
+            statuses=app.fault_statuses,
         )
-        return _respond(fault, outcome)
+        return self._respond(fault, outcome)
 
     def _identity(self, request: web.BaseRequest) -> ClientIdentity | None:
         identity: ClientIdentity | None = getattr(request.protocol, "identity", None)
@@ -260,11 +280,18 @@ class Gateway:
             status=status,
             code=code,
             message=message,
-            application=outcome.application or None,
+            application=outcome.application or (app.name if app is not None else None),
             service=outcome.service or None,
             request_id=outcome.request_id,
+            statuses=app.fault_statuses if app is not None else "binding",
         )
-        return _respond(fault, outcome)
+        return self._respond(fault, outcome)
+
+    def _respond(self, fault: faults.Fault, outcome: Outcome) -> web.Response:
+        response = web.Response(status=fault.status, headers=fault.headers, body=fault.body)
+        response.headers["X-Request-Id"] = outcome.request_id
+        response.headers[hdrs.SERVER] = self.settings.server_name
+        return response
 
 
 def request_ids() -> Iterator[str]:
@@ -301,9 +328,3 @@ def log_access(outcome: Outcome) -> None:
             separators=(",", ":"),
         )
     )
-
-
-def _respond(fault: faults.Fault, outcome: Outcome) -> web.Response:
-    response = web.Response(status=fault.status, headers=fault.headers, body=fault.body)
-    response.headers["X-Request-Id"] = outcome.request_id
-    return response

@@ -28,6 +28,14 @@ def check(config: Path, out: TextIO | None = None, err: TextIO | None = None) ->
         f"(version {policies.version})",
         file=out,
     )
+    print(f"  server name: {settings.server_name}", file=out)
+    for app in settings.applications.values():
+        status = f", violations on {app.fault_status}" if app.fault_status is not None else ""
+        print(
+            f"  application {app.name}: {app.protocol} -> {app.upstream}; faults {app.faults}, "
+            f"fault statuses {app.fault_statuses}{status}",
+            file=out,
+        )
     for policy in policies.policies:
         rate = policy.rate
         reset = ", resets on early retry" if rate.reset_on_early_retry else ""

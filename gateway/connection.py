@@ -81,10 +81,12 @@ class GuardedServer(web.Server):
         limits: Limits,
         identify: Identify | None = None,
         identity_mode: IdentityMode = "subject",
+        server_name: str = "AUP-Gateway",
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self.limits = limits
+        self.server_name = server_name  # the Server header of every answer made here
         self.stats = GuardStats()
         self._identify = identify
         self._mode = identity_mode
@@ -306,6 +308,7 @@ class GuardedHandler(RequestHandler):
         if phase == "head" and self._head_bytes and self.transport is not None:
             self.transport.write(
                 _raw_response(
+                    self._guard.server_name,
                     408,
                     ErrorCode.REQUEST_TIMEOUT,
                     f"The request head was not complete within {self._read_timeout:g} seconds.",
@@ -317,19 +320,22 @@ class GuardedHandler(RequestHandler):
 
     async def _refuse_connection(self, request: web.BaseRequest) -> web.StreamResponse:
         shape = faults.shape_for(None, request.headers.get(hdrs.CONTENT_TYPE, ""))
+        request_id = str(uuid.uuid4())
         fault = faults.error_fault(
             shape,
             status=429,
             code=ErrorCode.TOO_MANY_CONNECTIONS,
             message=f"Too many concurrent connections for this certificate (at most "
             f"{self._guard.limits.max_connections_per_identity}); reuse a connection "
-            "or close one.",
+            "or close one, and retry in 1 second.",
             application=None,
             service=None,
-            request_id=str(uuid.uuid4()),
+            request_id=request_id,
             retry_after=1,
         )
         response = web.Response(status=fault.status, headers=fault.headers, body=fault.body)
+        response.headers["X-Request-Id"] = request_id
+        response.headers[hdrs.SERVER] = self._guard.server_name
         response.force_close()
         return response
 
@@ -341,7 +347,9 @@ class GuardedHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if not isinstance(exc, HttpProcessingError):  # a bug, not the client: aiohttp logs it
-            return super().handle_error(request, status, exc, message)
+            answer = super().handle_error(request, status, exc, message)
+            answer.headers[hdrs.SERVER] = self._guard.server_name
+            return answer
         status, code, text = _classify(
             exc, self.max_line_size, self.max_field_size, self.max_headers
         )
@@ -360,6 +368,7 @@ class GuardedHandler(RequestHandler):
             request_id=str(uuid.uuid4()),
         )
         response = web.Response(status=status, headers=fault.headers, body=fault.body)
+        response.headers[hdrs.SERVER] = self._guard.server_name
         response.force_close()
         return response
 
@@ -418,7 +427,7 @@ def _classify(
     return 400, ErrorCode.BAD_REQUEST, f"The request is not valid HTTP/1.1 ({reason})."
 
 
-def _raw_response(status: int, code: ErrorCode, message: str) -> bytes:
+def _raw_response(server_name: str, status: int, code: ErrorCode, message: str) -> bytes:
     """A complete response written straight to the transport (no request object exists)."""
     fault = faults.error_fault(
         "problem",
@@ -431,6 +440,7 @@ def _raw_response(status: int, code: ErrorCode, message: str) -> bytes:
     )
     head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}"]
     head += [f"{name}: {value}" for name, value in fault.headers.items()]
+    head.append(f"Server: {server_name}")
     head += [f"Content-Length: {len(fault.body)}", "Connection: close", "", ""]
     return "\r\n".join(head).encode("latin-1") + fault.body
 

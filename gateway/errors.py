@@ -33,9 +33,10 @@ class StoreUnavailable(GatewayError):
 
 class ErrorCode(StrEnum):
     """Every result code the gateway sends in its own answers (SOAP `Event/result`, JSON
-    `code`), with the status each is meant for. The README lists them."""
+    `code`), with the status each names. SOAP faults travel on their binding's status unless the
+    application says `fault_statuses: http` (faults.status_for). The README lists them."""
 
-    VIOLATION = "AUP-VIOLATION"  # the policy's status (500 SOAP 1.1, 400 SOAP 1.2, 429 JSON)
+    VIOLATION = "AUP-VIOLATION"  # 429 (by default 500 SOAP 1.1, 400 SOAP 1.2)
     UNKNOWN_APPLICATION = "AUP-UNKNOWN-APPLICATION"  # 404
     UNKNOWN_SERVICE = "AUP-UNKNOWN-SERVICE"  # 404
     BAD_METHOD = "AUP-BAD-METHOD"  # 405

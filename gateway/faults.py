@@ -1,7 +1,21 @@
 """Decisions and errors -> the fault response the caller's protocol expects (pure, no I/O).
 
 Owns the four fault shapes (SOAP 1.1, SOAP 1.2, RFC 9457 problem+json, the CRR REST `errorList`),
-the rate-limit headers, and the rendering of a policy's message template.
+the HTTP status each fault travels on (`status_for`), the rate-limit headers, and the rendering of
+a policy's message template.
+
+A SOAP fault's `detail` is the operator's StandardOutput (`gateway/static/StandardOutput.xsd`):
+only that schema's elements, in its order, because typed clients refuse (zeep) or drop (JAXB)
+anything else. Where each fact goes:
+
+- `EventLog/id`, `Event/id`: the request id (also `X-Request-Id`);
+- `EventLog/creationTime`, `Event/creationTime`: when the gateway decided;
+- `EventLog/collectionType` = `retryAfterSeconds` and `EventLog/collectionQuantity` = the whole
+  seconds to wait (the `Retry-After` number), only when there is a retry time;
+- `Event/result`: the result code (`gateway.errors.ErrorCode`); `Event/name`: the policy name
+  (violations only); `Event/description`: the message, which also says when to retry;
+  `Event/severity`: `ERROR`;
+- `Service/id`: the application, `Service/name`: the service (each only when known).
 
 Bodies are rendered from templates fixed at import time: per request it is string formatting of
 escaped values, never an XML tree; `ViolationFaults` goes further for the rejected hot path and
@@ -14,6 +28,7 @@ reaches a header is reduced to printable ASCII.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -25,7 +40,7 @@ from typing import Literal
 
 from gateway.errors import ErrorCode
 from gateway.limiter.base import Decision, Rate
-from gateway.settings import Application
+from gateway.settings import Application, FaultStatuses
 
 FaultShape = Literal["soap11", "soap12", "problem", "errorlist"]
 
@@ -69,11 +84,14 @@ class Fault:
 # Placeholders are str.format fields; every value substituted is already escaped for its context,
 # and substituted values are never re-parsed, so braces inside them are harmless.
 
+# The element order is the schema's (xs:sequence): EventLog's id, creationTime, collectionType,
+# collectionQuantity, Event, Service; Event's result, id, name, description, creationTime, severity.
 _EVENT_LOG = (
-    '<outputDataType xmlns="' + STANDARD_OUTPUT_NS + '"><EventLog><Event>'
-    "<result>Failure</result><code>{code}</code><id>{request_id}</id>"
-    "<description>{message}</description><creationTime>{created}</creationTime>{retry}"
-    "</Event><Service><name>{service}</name><application>{application}</application></Service>"
+    '<outputDataType xmlns="' + STANDARD_OUTPUT_NS + '"><EventLog>'
+    "<id>{request_id}</id><creationTime>{created}</creationTime>{collection}"
+    "<Event><result>{code}</result><id>{request_id}</id>{event_name}"
+    "<description>{message}</description><creationTime>{created}</creationTime>"
+    "<severity>ERROR</severity></Event>{service}"
     "</EventLog></outputDataType>"
 )
 
@@ -94,7 +112,11 @@ _SOAP12 = (
     "</env:Fault></env:Body></env:Envelope>"
 )
 
-_RETRY_ELEMENT = "<retryAfter>{}</retryAfter>"
+RETRY_COLLECTION_TYPE = "retryAfterSeconds"
+_COLLECTION = (
+    "<collectionType>" + RETRY_COLLECTION_TYPE + "</collectionType>"
+    "<collectionQuantity>{}</collectionQuantity>"
+)
 
 # JSON fields below are substituted already encoded by json.dumps.
 _PROBLEM_VIOLATION = (
@@ -193,6 +215,7 @@ def unknown_message_fields(template: str) -> list[str]:
 # --- headers -----------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)  # per policy and rate: on every allowed call, bounded
 def policy_header(policy_name: str, rate: Rate) -> str:
     """The `RateLimit-Policy` value for one policy (draft-ietf-httpapi-ratelimit-headers).
 
@@ -205,6 +228,11 @@ def policy_header(policy_name: str, rate: Rate) -> str:
     if rate.reset_on_early_retry:
         value += ";x-reset-on-early-retry"
     return value
+
+
+@functools.lru_cache(maxsize=1024)
+def _sf_name(policy_name: str) -> str:
+    return _sf_string(policy_name)
 
 
 def _rate_limit_value(name_sf: str, decision: Decision) -> str:
@@ -225,7 +253,7 @@ def rate_limit_headers(policy_name: str, rate: Rate, decision: Decision) -> dict
     """
     headers = {
         "RateLimit-Policy": policy_header(policy_name, rate),
-        "RateLimit": _rate_limit_value(_sf_string(policy_name), decision),
+        "RateLimit": _rate_limit_value(_sf_name(policy_name), decision),
     }
     if not decision.allowed:
         headers["Retry-After"] = str(retry_after_seconds(decision.retry_after))
@@ -259,12 +287,28 @@ def shape_for(app: Application | None, content_type: str) -> FaultShape:
     return "problem"
 
 
-def _default_violation_status(shape: FaultShape) -> int:
+VIOLATION_STATUS = 429  # what a violation means in HTTP terms
+
+
+def status_for(shape: FaultShape, intended: int, statuses: FaultStatuses = "binding") -> int:
+    """The HTTP status a fault travels on: the one place that decides it.
+
+    `intended` is the status that names the error in HTTP (404, 413, 429, 502, ...), which also
+    decides Client/Sender (4xx) or Server/Receiver (5xx) in a SOAP fault. JSON shapes always use
+    it. SOAP faults use it only with `fault_statuses: http`; with `binding` (the default):
+    - soap11: 500 for every fault (WS-I BP R1126; JAX-WS, WCF and suds read a fault's body only
+      on 500, and the operator's own client reads the description only on 500);
+    - soap12: the SOAP 1.2 HTTP binding's table: env:Sender 400, env:Receiver 500.
+    """
+    if statuses == "http" or shape == "problem" or shape == "errorlist":
+        return intended
     if shape == "soap11":
-        return 500  # the SOAP 1.1 HTTP binding (WS-I BP R1126): every fault is a 500
-    if shape == "soap12":
-        return 400  # the SOAP 1.2 HTTP binding: env:Sender faults are 400
-    return 429
+        return 500
+    return 400 if intended < 500 else 500
+
+
+def _element(name: str, value: str | None) -> str:
+    return "" if not value else f"<{name}>{xml_text(value)}</{name}>"
 
 
 def _soap(
@@ -276,22 +320,24 @@ def _soap(
     request_id: str,
     created: float,
     retry_after: int | None,
-    service: str,
-    application: str,
+    policy_name: str | None,
+    service: str | None,
+    application: str | None,
 ) -> bytes:
     if shape == "soap11":
         template, fault_code = _SOAP11, ("Client" if sender else "Server")
     else:
         template, fault_code = _SOAP12, ("Sender" if sender else "Receiver")
+    service_parts = _element("id", application) + _element("name", service)
     text = template.format(
         fault_code=fault_code,
         code=xml_text(code),
         request_id=xml_text(request_id),
         message=xml_text(message),
         created=iso_time(created),
-        retry="" if retry_after is None else _RETRY_ELEMENT.format(retry_after),
-        service=xml_text(service),
-        application=xml_text(application),
+        collection="" if retry_after is None else _COLLECTION.format(retry_after),
+        event_name=_element("name", policy_name),
+        service=f"<Service>{service_parts}</Service>" if service_parts else "",
     )
     # errors="replace" is a last guard; xml_text already removed every unencodable character.
     return text.encode("utf-8", "replace")
@@ -322,18 +368,15 @@ def violation_fault(
     service: str,
     request_id: str,
     status: int | None = None,
+    statuses: FaultStatuses = "binding",
 ) -> Fault:
     """The fault for a rejected call, with `Retry-After`, `RateLimit-Policy` and `RateLimit`.
 
-    Default statuses, each the one its binding gives a client error:
-    - soap11: 500 with `soapenv:Client` (the SOAP 1.1 binding sends every fault as 500, and the
-      operator's clients read the fault detail on 500);
-    - soap12: 400 with `env:Sender` (the SOAP 1.2 HTTP binding maps Sender faults to 400);
-    - problem, errorlist: 429.
-    `status` (the application's `fault_status`) overrides it. `message` is the rendered policy
-    message.
+    The status is `status_for(shape, 429, statuses)`: with the bindings' statuses, 500 with
+    `soapenv:Client` for SOAP 1.1, 400 with `env:Sender` for SOAP 1.2, 429 for JSON. `status`
+    (the application's `fault_status`) overrides it. `message` is the rendered policy message.
     """
-    final_status = _default_violation_status(shape) if status is None else status
+    final_status = status_for(shape, VIOLATION_STATUS, statuses) if status is None else status
     wait = retry_after_seconds(decision.retry_after)
     headers = rate_limit_headers(policy_name, rate, decision)
     headers["Content-Type"] = _content_type(shape)
@@ -347,6 +390,7 @@ def violation_fault(
             request_id=request_id,
             created=decision.now,
             retry_after=wait,
+            policy_name=policy_name,
             service=service,
             application=application,
         )
@@ -388,15 +432,15 @@ def error_fault(
     request_id: str,
     retry_after: float | None = None,
     now: float | None = None,
+    statuses: FaultStatuses = "binding",
 ) -> Fault:
     """The fault for a refused request that no policy decided (see the error codes above).
 
-    `status` is used as given, in every shape; SOAP faults are Client/Sender for 4xx and
-    Server/Receiver for 5xx. Note that SOAP 1.1 stacks (JAX-WS, WCF) parse a fault body only on
-    500 (JAX-WS also on 400), so a 403/404/413 reaches a typed client as a transport error with
-    the status line; pass 500 for soap11 if the description must reach the client.
-    `retry_after` adds `Retry-After` (e.g. for 503). `now` stamps the SOAP `creationTime`
-    (defaults to the local clock: the timestamp is informational, not a decision).
+    `status` is the status that names the error; the response's is `status_for(shape, status,
+    statuses)`. SOAP faults are Client/Sender when `status` is 4xx, Server/Receiver when 5xx.
+    `retry_after` adds `Retry-After` and the detail's retry time (e.g. for 503); the message
+    should say it too. `now` stamps the SOAP `creationTime` (defaults to the local clock: the
+    timestamp is informational, not a decision).
     """
     headers = {"Content-Type": _content_type(shape)}
     wait = None if retry_after is None else retry_after_seconds(retry_after)
@@ -412,8 +456,9 @@ def error_fault(
             request_id=request_id,
             created=time.time() if now is None else now,
             retry_after=wait,
-            service=service or "",
-            application=application or "",
+            policy_name=None,
+            service=service,
+            application=application,
         )
     elif shape == "problem":
         problem: dict[str, object] = {
@@ -433,7 +478,7 @@ def error_fault(
         body = json.dumps(problem, separators=(",", ":")).encode()
     else:
         body = _errorlist(code, message)
-    return Fault(status, headers, body)
+    return Fault(status_for(shape, status, statuses), headers, body)
 
 
 # --- the rejected path's cache -----------------------------------------------------------------
@@ -443,19 +488,25 @@ _EPOCH_TEXT = iso_time(0.0).encode()
 _CACHE_SIZE = 10_000
 
 
+# A cached body: the parts between request ids, each split at the creation times in it.
+_Pieces = tuple[tuple[bytes, ...], ...]
+
+
 class ViolationFaults:
     """Violation faults rendered once per (policy, application, service, shape, status, whole
-    seconds to wait) and then only joined around the two parts that change per call, the
-    request id and the time: under abuse the same fault goes out thousands of times a second.
+    seconds to wait) and then only joined around the two values that change per call, the
+    request id and the time (each appears twice in the detail): under abuse the same fault goes
+    out thousands of times a second.
 
     The pieces come from `violation_fault` itself (rendered with a marker for the request id and
     the epoch for the time), so a cached fault is byte for byte the one it would render. JSON
     shapes are rendered per call (the rejected hot path is the operator's SOAP services).
+    Service names are `[A-Za-z0-9_.-]` (routing), so no marker or epoch text comes from them.
     """
 
     def __init__(self, size: int = _CACHE_SIZE) -> None:
         self._size = size
-        self._pieces: dict[tuple[object, ...], tuple[int, dict[str, str], bytes, bytes, bytes]] = {}
+        self._pieces: dict[tuple[object, ...], tuple[int, dict[str, str], _Pieces]] = {}
 
     def fault(
         self,
@@ -469,6 +520,7 @@ class ViolationFaults:
         service: str,
         request_id: str,
         status: int | None = None,
+        statuses: FaultStatuses = "binding",
     ) -> Fault:
         wait = retry_after_seconds(decision.retry_after)
         if shape not in ("soap11", "soap12"):
@@ -482,10 +534,21 @@ class ViolationFaults:
                 service,
                 request_id,
                 status,
+                statuses,
             )
-        key = (shape, policy_name, message_template, rate, application, service, status, wait)
-        pieces = self._pieces.get(key)
-        if pieces is None:
+        key = (
+            shape,
+            policy_name,
+            message_template,
+            rate,
+            application,
+            service,
+            status,
+            statuses,
+            wait,
+        )
+        cached = self._pieces.get(key)
+        if cached is None:
             fault = self._render(
                 shape,
                 policy_name,
@@ -496,16 +559,17 @@ class ViolationFaults:
                 service,
                 _ID_MARK,
                 status,
+                statuses,
             )
-            head, _, rest = fault.body.partition(_ID_MARK.encode())
-            middle, _, tail = rest.partition(_EPOCH_TEXT)
-            pieces = (fault.status, fault.headers, head, middle, tail)
+            pieces = tuple(
+                tuple(part.split(_EPOCH_TEXT)) for part in fault.body.split(_ID_MARK.encode())
+            )
+            cached = (fault.status, fault.headers, pieces)
             if len(self._pieces) < self._size:  # service names come from URLs: bounded
-                self._pieces[key] = pieces
-        status_code, headers, head, middle, tail = pieces
-        body = b"".join(
-            (head, xml_text(request_id).encode(), middle, iso_time(decision.now).encode(), tail)
-        )
+                self._pieces[key] = cached
+        status_code, headers, pieces = cached
+        created = iso_time(decision.now).encode()
+        body = xml_text(request_id).encode().join(created.join(part) for part in pieces)
         return Fault(status_code, dict(headers), body)
 
     @staticmethod
@@ -519,6 +583,7 @@ class ViolationFaults:
         service: str,
         request_id: str,
         status: int | None,
+        statuses: FaultStatuses,
     ) -> Fault:
         message = render_message(
             message_template, retry_after=decision.retry_after, service=service, per=rate.per
@@ -533,4 +598,5 @@ class ViolationFaults:
             service=service,
             request_id=request_id,
             status=status,
+            statuses=statuses,
         )

@@ -105,10 +105,12 @@ class Upstreams:
         request_id: str,
         max_body: int,
         prefix: bytes = b"",
+        extra_headers: dict[str, str] | None = None,
     ) -> web.StreamResponse:
         """Send the request upstream and relay the answer; UpstreamError when that fails.
 
         `prefix` is the start of the body that routing already read (routing.route_by_body).
+        `extra_headers` (the decision's rate-limit headers) are added to the answer.
         """
         headers = upstream_headers(request, identity, request_id)
         length = request.content_length
@@ -129,7 +131,9 @@ class Upstreams:
             upstream = await self._pools[app.name].request(
                 request.method, upstream_path, headers.items(), body, content_length=length
             )
-            return await _relay(request, upstream, request_id)
+            return await _relay(
+                request, upstream, request_id, self._settings.server_name, extra_headers or {}
+            )
         # The reason reaches the client in the fault: it names no address; the log does.
         except UpstreamTimeout as exc:
             log.debug("%s upstream: %s", app.name, exc)
@@ -194,12 +198,19 @@ async def _relay(
     request: web.BaseRequest,
     upstream: UpstreamResponse,
     request_id: str,
+    server_name: str,
+    extra_headers: dict[str, str],
 ) -> web.StreamResponse:
     headers = [
         (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         for name, value in upstream.headers
         if name.lower() not in _DROP_RESPONSE
     ]
+    if not any(name.lower() == b"server" for name, _ in upstream.headers):
+        headers.append(("Server", server_name))  # else aiohttp would name itself and Python
+    # Added lines, not replacements: an upstream's own RateLimit fields (Structured Field
+    # Lists) combine with the gateway's.
+    headers.extend(extra_headers.items())
     headers.append(("X-Request-Id", request_id))
     length = upstream.content_length
     reason = upstream.reason or None

@@ -135,6 +135,7 @@ async def start(
         limits=limits,
         identify=gateway.identities.get,
         identity_mode=settings.identity,
+        server_name=settings.server_name,
         access_log=None,
         keepalive_timeout=limits.idle_timeout,
         max_line_size=limits.max_line_size,

@@ -18,9 +18,14 @@ StoreErrorMode = Literal["local", "allow", "deny"]
 Protocol = Literal["soap", "rest"]
 FaultShape = Literal["auto", "soap11", "soap12", "problem", "errorlist"]
 Mode = Literal["enforce", "shadow"]
+# binding: the SOAP bindings' statuses (SOAP 1.1: every fault 500, WS-I BP R1126; SOAP 1.2:
+# Sender 400, Receiver 500); http: the status that names the error (403, 404, 413, 429, 502, ...).
+FaultStatuses = Literal["binding", "http"]
 
 STORE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel")
 _APP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+# A Server header value: a product token, optionally "/version" (RFC 9110 section 10.2.4).
+_SERVER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}(/[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64})?$")
 _ROUTE = re.compile(r"^(GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) (/\S*)$")
 
 
@@ -87,6 +92,7 @@ class Application:
     routes: tuple[Route, ...] = ()
     faults: FaultShape = "auto"
     fault_status: int | None = None
+    fault_statuses: FaultStatuses = "binding"
     max_body: int | None = None
     timeout: float = 60.0
     connect_timeout: float = 5.0
@@ -114,6 +120,7 @@ class Settings:
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
     limits: Limits = field(default_factory=Limits)
     drain_timeout: float = 10.0
+    server_name: str = "AUP-Gateway"  # the gateway's own Server header: no software, no version
     applications: dict[str, Application] = field(default_factory=dict)
 
     _by_lower: dict[str, Application] = field(init=False, repr=False, compare=False)
@@ -149,6 +156,12 @@ def _port(value: int) -> str | None:
 
 def _status(value: int) -> str | None:
     return None if 400 <= value <= 599 else f"must be an HTTP error status 400-599, got {value}"
+
+
+def _server_name(value: str) -> str | None:
+    if _SERVER_NAME.match(value):
+        return None
+    return f"must be a product token such as AUP-Gateway (letters, digits, -._~ ...), got {value!r}"
 
 
 def _positive(value: int | float) -> str | None:
@@ -256,6 +269,7 @@ def _read_settings(top: Fields, source: Path) -> Settings | None:
         ledger=ledger,
         limits=limits,
         drain_timeout=top.converted("drain_timeout", parse_duration, 10.0),
+        server_name=top.value("server_name", str, "AUP-Gateway", _server_name),
         applications=applications,
     )
     top.done()
@@ -333,6 +347,7 @@ def _read_application(f: Fields, name: str) -> Application | None:
         routes=tuple(routes),
         faults=f.choice("faults", ("auto", "soap11", "soap12", "problem", "errorlist"), "auto"),  # type: ignore[arg-type]
         fault_status=f.value("fault_status", int, None, _status),
+        fault_statuses=f.choice("fault_statuses", ("binding", "http"), "binding"),  # type: ignore[arg-type]
         max_body=f.converted("max_body", parse_size, None),
         timeout=f.converted("timeout", parse_duration, 60.0),
         connect_timeout=f.converted("connect_timeout", parse_duration, 5.0),

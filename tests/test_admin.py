@@ -93,7 +93,7 @@ async def test_metrics_count_calls_violations_store_and_upstream(
         assert (await stack.soap(client, "oms", OMS_RETRIEVE)).status == 500
     for _ in range(3):  # no policy matches submits: forwarded unlimited
         assert (await stack.soap(client, "oms", "SubmitOutage_OMSv1_AP")).status == 200
-    assert (await stack.soap(client, "nope", "X")).status == 404
+    assert (await stack.soap(client, "nope", "X")).status == 500  # SOAP 1.1: every fault is 500
 
     status, text, headers = await admin(stack, "GET", "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")

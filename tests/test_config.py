@@ -88,6 +88,10 @@ def test_shipped_configuration_and_policies_check_clean(capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert "oms-retrieve: OMS Retrieve* 1 per 5s" in out
     assert "drrs-per-service: DRRS * 1 per 30s, resets on early retry" in out
+    assert "server name: AUP-Gateway" in out
+    assert (
+        "application OMS: soap -> http://127.0.0.1:9080; faults auto, fault statuses binding" in out
+    )
     policies = load_policies(load_settings(ROOT / "gateway.yaml"))
     drrs = policies.match("DRRS", "RetrieveDRLocations_DRRSv2_AP", "POST")
     assert drrs is not None and drrs.message == (

@@ -226,7 +226,8 @@ async def test_unknown_application_and_service_are_refused_not_forwarded(
     stack = await stack_factory(OMS)
     client = stack.client()
     unknown = await stack.soap(client, "nosuchapp", "RetrieveThings_Xv1_AP")
-    assert unknown.status == 404 and "X-Echo-Path" not in unknown.headers
+    assert unknown.status == 500 and "X-Echo-Path" not in unknown.headers  # SOAP 1.1 binding
+    assert b"<result>AUP-UNKNOWN-APPLICATION</result>" in await unknown.read()
     assert (
         ElementTree.fromstring(await unknown.read()).find(f"{SOAP_ENV}Body/{SOAP_ENV}Fault")
         is not None
@@ -242,7 +243,8 @@ async def test_dead_and_slow_upstreams_answer_502_and_504(stack_factory: StackFa
         closed_port = probe.getsockname()[1]
     dead = await stack_factory(OMS, oms_port=closed_port)
     refused = await dead.soap(dead.client(), "oms", OMS_RETRIEVE)
-    assert refused.status == 502
+    assert refused.status == 500  # SOAP 1.1 binding; the code says which error
+    assert b"<result>AUP-UPSTREAM-UNAVAILABLE</result>" in await refused.read()
     root = ElementTree.fromstring(await refused.read())
     assert str(root.findtext(f"{SOAP_ENV}Body/{SOAP_ENV}Fault/faultcode")).endswith(":Server")
 
@@ -250,7 +252,8 @@ async def test_dead_and_slow_upstreams_answer_502_and_504(stack_factory: StackFa
     late = await slow.soap(
         slow.client(), "oms", "SubmitOutage_OMSv1_AP", headers={"X-Mock-Delay": "2"}
     )
-    assert late.status == 504
+    assert late.status == 500
+    assert b"<result>AUP-UPSTREAM-TIMEOUT</result>" in await late.read()
     assert (
         ElementTree.fromstring(await late.read()).find(f"{SOAP_ENV}Body/{SOAP_ENV}Fault")
         is not None

@@ -29,7 +29,7 @@ from gateway.faults import (
     xml_text,
 )
 from gateway.limiter.base import Decision, Rate
-from gateway.settings import Application, Protocol
+from gateway.settings import Application, FaultStatuses, Protocol
 from gateway.settings import FaultShape as SettingsShape
 
 SOAP11 = "{http://schemas.xmlsoap.org/soap/envelope/}"
@@ -179,14 +179,37 @@ def test_soap11_violation_field_by_field() -> None:
     # The exact path typed clients read.
     description = one(detail, f"{SO}outputDataType/{SO}EventLog/{SO}Event/{SO}description")
     assert description.text == DRRS_MESSAGE
-    assert one(event, f"{SO}result").text == "Failure"
-    assert one(event, f"{SO}code").text == "AUP-VIOLATION"
+    # Only the schema's elements, in its order.
+    log = one(detail, f"{SO}outputDataType/{SO}EventLog")
+    assert [child.tag.removeprefix(SO) for child in log] == [
+        "id",
+        "creationTime",
+        "collectionType",
+        "collectionQuantity",
+        "Event",
+        "Service",
+    ]
+    assert one(log, f"{SO}id").text == "req-7f3a"
+    assert one(log, f"{SO}creationTime").text == "2024-05-01T12:00:00.250Z"
+    assert one(log, f"{SO}collectionType").text == "retryAfterSeconds"
+    assert one(log, f"{SO}collectionQuantity").text == "30"
+    assert [child.tag.removeprefix(SO) for child in event] == [
+        "result",
+        "id",
+        "name",
+        "description",
+        "creationTime",
+        "severity",
+    ]
+    assert one(event, f"{SO}result").text == "AUP-VIOLATION"
     assert one(event, f"{SO}id").text == "req-7f3a"
+    assert one(event, f"{SO}name").text == "drrs-per-service"
     assert one(event, f"{SO}creationTime").text == "2024-05-01T12:00:00.250Z"
-    assert one(event, f"{SO}retryAfter").text == "30"
-    service = one(detail, f"{SO}outputDataType/{SO}EventLog/{SO}Service")
+    assert one(event, f"{SO}severity").text == "ERROR"
+    service = one(log, f"{SO}Service")
+    assert [child.tag.removeprefix(SO) for child in service] == ["id", "name"]
+    assert one(service, f"{SO}id").text == "DRRS"
     assert one(service, f"{SO}name").text == SERVICE
-    assert one(service, f"{SO}application").text == "DRRS"
 
 
 def test_soap11_status_override_keeps_client_fault() -> None:
@@ -195,9 +218,15 @@ def test_soap11_status_override_keeps_client_fault() -> None:
     assert one(parse(fault.body), f"{SOAP11}Body/{SOAP11}Fault/faultcode").text == "soapenv:Client"
 
 
-def test_soap11_error_faults_client_and_server() -> None:
+@pytest.mark.parametrize(
+    ("statuses", "forbidden", "timeout"), [("binding", 500, 500), ("http", 403, 504)]
+)
+def test_soap11_error_faults_client_and_server(
+    statuses: FaultStatuses, forbidden: int, timeout: int
+) -> None:
     refused = error_fault(
         "soap11",
+        statuses=statuses,
         status=403,
         code=ErrorCode.NOT_PROVISIONED,
         message="Not provisioned for DRRS",
@@ -206,17 +235,20 @@ def test_soap11_error_faults_client_and_server() -> None:
         request_id="r1",
         now=NOW,
     )
-    assert refused.status == 403
+    assert refused.status == forbidden
     assert "Retry-After" not in refused.headers
     body = parse(refused.body)
     assert one(body, f"{SOAP11}Body/{SOAP11}Fault/faultcode").text == "soapenv:Client"
-    event = event_of(one(body, f"{SOAP11}Body/{SOAP11}Fault/detail"))
-    assert one(event, f"{SO}code").text == ErrorCode.NOT_PROVISIONED
+    detail = one(body, f"{SOAP11}Body/{SOAP11}Fault/detail")
+    event = event_of(detail)
+    assert one(event, f"{SO}result").text == ErrorCode.NOT_PROVISIONED
     assert one(event, f"{SO}description").text == "Not provisioned for DRRS"
-    assert event.find(f"{SO}retryAfter") is None
+    assert event.find(f"{SO}name") is None  # no policy decided
+    assert detail.find(f".//{SO}collectionQuantity") is None
 
-    timeout = error_fault(
+    answer = error_fault(
         "soap11",
+        statuses=statuses,
         status=504,
         code=ErrorCode.UPSTREAM_TIMEOUT,
         message="Upstream timed out",
@@ -225,8 +257,8 @@ def test_soap11_error_faults_client_and_server() -> None:
         request_id="r2",
         now=NOW,
     )
-    body = parse(timeout.body)
-    assert timeout.status == 504
+    body = parse(answer.body)
+    assert answer.status == timeout
     assert one(body, f"{SOAP11}Body/{SOAP11}Fault/faultcode").text == "soapenv:Server"
 
 
@@ -242,9 +274,21 @@ def test_soap_error_without_application_or_service() -> None:
         now=NOW,
     )
     detail = one(parse(fault.body), f"{SOAP11}Body/{SOAP11}Fault/detail")
-    service = one(detail, f"{SO}outputDataType/{SO}EventLog/{SO}Service")
-    assert one(service, f"{SO}name").text is None
-    assert one(service, f"{SO}application").text is None
+    assert detail.find(f"{SO}outputDataType/{SO}EventLog/{SO}Service") is None
+    only_service = error_fault(
+        "soap11",
+        status=404,
+        code=ErrorCode.UNKNOWN_SERVICE,
+        message="No such service",
+        application=None,
+        service="RetrieveX_OMSv1_AP",
+        request_id="r4",
+        now=NOW,
+    )
+    service = one(parse(only_service.body), f".//{SO}Service")
+    assert [(child.tag.removeprefix(SO), child.text) for child in service] == [
+        ("name", "RetrieveX_OMSv1_AP")
+    ]
 
 
 # --- SOAP 1.2 ----------------------------------------------------------------------------------
@@ -264,7 +308,7 @@ def test_soap12_violation_field_by_field() -> None:
     assert text.get(XML_LANG) == "en"
     event = event_of(one(soap_fault, f"{SOAP12}Detail"))
     assert one(event, f"{SO}description").text == DRRS_MESSAGE
-    assert one(event, f"{SO}retryAfter").text == "30"
+    assert one(soap_fault, f".//{SO}EventLog/{SO}collectionQuantity").text == "30"
 
 
 def test_soap12_receiver_for_5xx() -> None:
@@ -279,11 +323,11 @@ def test_soap12_receiver_for_5xx() -> None:
         retry_after=0.3,
         now=NOW,
     )
-    assert fault.status == 503
+    assert fault.status == 500  # the SOAP 1.2 binding: env:Receiver is 500
     assert fault.headers["Retry-After"] == "1"
     soap_fault = one(parse(fault.body), f"{SOAP12}Body/{SOAP12}Fault")
     assert one(soap_fault, f"{SOAP12}Code/{SOAP12}Value").text == "env:Receiver"
-    assert one(event_of(one(soap_fault, f"{SOAP12}Detail")), f"{SO}retryAfter").text == "1"
+    assert one(soap_fault, f".//{SO}EventLog/{SO}collectionQuantity").text == "1"
 
 
 # --- JSON shapes -------------------------------------------------------------------------------
@@ -381,7 +425,7 @@ def test_hostile_service_name_is_well_formed(shape: str, service: str) -> None:
     fault = drrs_fault(shape, service=service, request_id=service, message=f"m {service}")
     root = parse(fault.body)  # raises on anything not well-formed
     ns = SOAP11 if shape == "soap11" else SOAP12
-    names = [e.text or "" for e in root.iter(f"{SO}name")]
+    names = [one(service, f"{SO}name").text or "" for service in root.iter(f"{SO}Service")]
     assert len(names) == 1
     expected = (
         xml_text(service)
@@ -399,7 +443,7 @@ def test_hostile_markup_survives_exactly() -> None:
     fault = drrs_fault("soap11", service='<x>&"', message="<b>&amp;</b> ]]>")
     root = parse(fault.body)
     assert one(root, f".//{SO}Service/{SO}name").text == '<x>&"'
-    assert one(root, f".//{SO}description").text == "<b>&amp;</b> ]]>"
+    assert one(root, f".//{SO}Event/{SO}description").text == "<b>&amp;</b> ]]>"
     assert one(root, ".//faultstring").text == "<b>&amp;</b> ]]>"
 
 
@@ -470,8 +514,11 @@ def test_module_has_no_tree_building_imports() -> None:
     assert "ElementTree" not in source and "minidom" not in source
 
 
+@pytest.mark.parametrize("statuses", ["binding", "http"])
 @pytest.mark.parametrize("shape", ["soap11", "soap12", "problem", "errorlist"])
-def test_cached_violation_faults_are_byte_for_byte_the_rendered_ones(shape: str) -> None:
+def test_cached_violation_faults_are_byte_for_byte_the_rendered_ones(
+    shape: str, statuses: FaultStatuses
+) -> None:
     from gateway.faults import ViolationFaults, render_message, violation_fault
 
     cache = ViolationFaults()
@@ -493,6 +540,7 @@ def test_cached_violation_faults_are_byte_for_byte_the_rendered_ones(shape: str)
             application="DRRS",
             service="Svc<&>",
             request_id=request_id,
+            statuses=statuses,
         )
         rendered = violation_fault(
             shape,
@@ -503,7 +551,11 @@ def test_cached_violation_faults_are_byte_for_byte_the_rendered_ones(shape: str)
             service="Svc<&>",
             request_id=request_id,
             message=render_message(template, retry_after=retry, service="Svc<&>", per=30.0),
+            statuses=statuses,
         )
+        # the request id and the time each appear twice in a SOAP detail
+        if shape.startswith("soap"):
+            assert cached.body.count(xml_text(request_id).encode()) == 2
         assert (cached.status, cached.headers, cached.body) == (
             rendered.status,
             rendered.headers,
