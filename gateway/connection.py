@@ -16,6 +16,9 @@ makes `GuardedHandler`s, which add, per connection:
 - a cap on concurrent connections per identity, read from the verified certificate when the
   connection is made (after the handshake): an excess connection's first request is answered
   429 and the connection closes;
+- a TLS connection without a client certificate (possible only when the TLS context asks for
+  one without requiring it) has its first request answered 403 `AUP-NO-CERTIFICATE` in the
+  caller's protocol, and closes; no request on it reaches the handler;
 - malformed requests (request line too long, a header too large, too many headers, anything
   llhttp refuses) answered with a problem+json 414 / 431 / 400 and one log line, no traceback;
   request lines of HTTP/0.9 or HTTP/2.0 (which llhttp parses) answered 505, never forwarded.
@@ -173,6 +176,10 @@ class GuardedHandler(RequestHandler):
             admitted, self._identity_key, self.identity = self._guard.admit(der)
             if not admitted:  # answer its first request with 429, then close
                 self._request_handler = self._refuse_connection
+        elif ssl_object is not None:
+            # TLS without a client certificate (the context's verify mode is CERT_OPTIONAL so
+            # that this can be said in HTTP): no request on it reaches the handler.
+            self._request_handler = self._refuse_no_certificate
         super().connection_made(transport)
         self._head_deadline = self._loop.time() + self._read_timeout
         self._arm(self._head_deadline)
@@ -319,25 +326,26 @@ class GuardedHandler(RequestHandler):
     # --- answers the handler never sees ---------------------------------------------------
 
     async def _refuse_connection(self, request: web.BaseRequest) -> web.StreamResponse:
-        shape = faults.shape_for(None, request.headers.get(hdrs.CONTENT_TYPE, ""))
-        request_id = str(uuid.uuid4())
-        fault = faults.error_fault(
-            shape,
-            status=429,
-            code=ErrorCode.TOO_MANY_CONNECTIONS,
-            message=f"Too many concurrent connections for this certificate (at most "
+        return _closing_fault(
+            request,
+            self._guard.server_name,
+            429,
+            ErrorCode.TOO_MANY_CONNECTIONS,
+            f"Too many concurrent connections for this certificate (at most "
             f"{self._guard.limits.max_connections_per_identity}); reuse a connection "
             "or close one, and retry in 1 second.",
-            application=None,
-            service=None,
-            request_id=request_id,
             retry_after=1,
         )
-        response = web.Response(status=fault.status, headers=fault.headers, body=fault.body)
-        response.headers["X-Request-Id"] = request_id
-        response.headers[hdrs.SERVER] = self._guard.server_name
-        response.force_close()
-        return response
+
+    async def _refuse_no_certificate(self, request: web.BaseRequest) -> web.StreamResponse:
+        return _closing_fault(
+            request,
+            self._guard.server_name,
+            403,
+            ErrorCode.NO_CERTIFICATE,
+            "A client certificate is required: this connection presented none. Connect with "
+            "the certificate issued to you.",
+        )
 
     def handle_error(
         self,
@@ -396,6 +404,33 @@ async def send_continue(request: web.BaseRequest) -> None:
     if isinstance(protocol, GuardedHandler):
         protocol.continued(request.content)
     await request.writer.write(_CONTINUE)
+
+
+def _closing_fault(
+    request: web.BaseRequest,
+    server_name: str,
+    status: int,
+    code: ErrorCode,
+    message: str,
+    retry_after: float | None = None,
+) -> web.Response:
+    """A fault in the caller's protocol for a connection refused as a whole; then it closes."""
+    request_id = str(uuid.uuid4())
+    fault = faults.error_fault(
+        faults.shape_for(None, request.headers.get(hdrs.CONTENT_TYPE, "")),
+        status=status,
+        code=code,
+        message=message,
+        application=None,
+        service=None,
+        request_id=request_id,
+        retry_after=retry_after,
+    )
+    response = web.Response(status=fault.status, headers=fault.headers, body=fault.body)
+    response.headers["X-Request-Id"] = request_id
+    response.headers[hdrs.SERVER] = server_name
+    response.force_close()
+    return response
 
 
 def _classify(

@@ -144,12 +144,14 @@ async def start(
     )
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=settings.drain_timeout)
     await runner.setup()
-    tls = ReloadingContext(settings.tls)  # new handshakes pick up rotated files
+    # New handshakes pick up rotated files; a connection without a certificate is answered in
+    # HTTP by the GuardedServer (so it learns why), never forwarded.
+    tls = ReloadingContext(settings.tls, missing_certificate="answer")
     site = TlsSite(
         runner,
         settings.listen.host,
         settings.listen.port,
-        tls.context,
+        tls.handshake_context,  # one per connection: no TLS session is ever resumed
         handshake_timeout=limits.read_timeout,
         backlog=1024,
         reuse_port=reuse_port,

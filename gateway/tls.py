@@ -12,15 +12,22 @@ Three pieces, each usable alone:
   the new context, but the verify mode, verify flags, protocol versions and ciphers were already
   copied from the outer context when the connection was created; that is why the outer context is
   built by the same function from the same settings, and why only file contents reload.
+  `handshake_context()` gives each connection an outer context of its own, so that OpenSSL's
+  server session cache (kept in that outer context, and impossible to turn off from Python)
+  never resumes a session: every connection is verified against the current CA and CRL.
 - `TlsSite`: an aiohttp site that accepts TCP itself, awaits each handshake and logs every
   refused one with its reason. asyncio and uvloop report a failed server-side
   handshake only in debug mode (an `ssl.SSLError` is an `OSError`, which they do not pass to the
-  exception handler), so an exception handler or logging filter would never see it.
+  exception handler), so an exception handler or logging filter would never see it. With
+  `AlertingSSLObject` (the contexts' `sslobject_class`) the refused client receives the TLS
+  alert that names the reason instead of a bare close.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import datetime as dt
 import logging
 import os
@@ -31,7 +38,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 from cryptography import x509
@@ -50,6 +57,28 @@ def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
     """The mutual-TLS server context; raises ConfigError naming the file that is wrong."""
     for path in (tls.cert, tls.key, tls.client_ca, *([tls.crl] if tls.crl else [])):
         _check_readable(path)
+    ctx = _policy_context(tls)
+    try:
+        ctx.load_cert_chain(tls.cert, tls.key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            [f"{tls.cert}, {tls.key}: not a PEM certificate and its private key ({_why(exc)})"]
+        ) from exc
+    try:
+        ctx.load_verify_locations(cafile=tls.client_ca)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError([f"{tls.client_ca}: not a PEM CA bundle ({_why(exc)})"]) from exc
+    if tls.crl is not None:
+        _check_crl(tls.crl)
+        try:
+            ctx.load_verify_locations(cafile=tls.crl)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError([f"{tls.crl}: not a PEM CRL ({_why(exc)})"]) from exc
+    return ctx
+
+
+def _policy_context(tls: TlsSettings) -> ssl.SSLContext:
+    """Versions, options, ciphers and verification settings, without any file."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _VERSIONS[tls.min_version]
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -62,23 +91,8 @@ def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
         ctx.set_ciphers(tls.ciphers or DEFAULT_CIPHERS)
     except ssl.SSLError as exc:
         raise ConfigError([f"tls.ciphers: {tls.ciphers!r} selects no cipher ({exc})"]) from exc
-    try:
-        ctx.load_cert_chain(tls.cert, tls.key)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(
-            [f"{tls.cert}, {tls.key}: not a PEM certificate and its private key ({_why(exc)})"]
-        ) from exc
     ctx.verify_mode = ssl.CERT_REQUIRED
-    try:
-        ctx.load_verify_locations(cafile=tls.client_ca)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError([f"{tls.client_ca}: not a PEM CA bundle ({_why(exc)})"]) from exc
     if tls.crl is not None:
-        _check_crl(tls.crl)
-        try:
-            ctx.load_verify_locations(cafile=tls.crl)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError([f"{tls.crl}: not a PEM CRL ({_why(exc)})"]) from exc
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ctx
 
@@ -128,6 +142,9 @@ def _why(exc: BaseException) -> str:
 
 
 FileStamp = tuple[tuple[int, int, int], ...]
+# What a connection that presents no certificate gets: the TLS alert "certificate required", or
+# a completed handshake and an HTTP answer that says so (only behind a GuardedServer).
+MissingCertificate = Literal["alert", "answer"]
 
 
 class ReloadingContext:
@@ -138,14 +155,42 @@ class ReloadingContext:
     that was working and logs why.
     """
 
-    def __init__(self, tls: TlsSettings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        tls: TlsSettings,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        missing_certificate: MissingCertificate = "alert",
+    ) -> None:
         self._tls = tls
         self._clock = clock
+        self._missing = missing_certificate
         self._stamp = self._files_stamp()
         self._current = server_ssl_context(tls)
         self._checked = clock()
-        self.context = server_ssl_context(tls)
-        self.context.sni_callback = self._on_client_hello
+        self.context = self._outer(server_ssl_context(tls))
+
+    def handshake_context(self) -> ssl.SSLContext:
+        """A new outer context for one connection (what TlsSite asks for on each accept).
+
+        OpenSSL keeps its server session cache in the context a connection was created with,
+        and the SNI swap does not move it; Python has no way to turn that cache off. A context
+        of its own per connection means no session is ever found, so every connection does a
+        full handshake against the current CA and CRL: no resumed TLS 1.2 session outlives a
+        revocation or a reload (tickets, and so TLS 1.3 resumption, are off already). It holds
+        no files (the SNI callback brings them), so it is cheap: about 0.1 ms and 13 KB.
+        """
+        return self._outer(_policy_context(self._tls))
+
+    def _outer(self, ctx: ssl.SSLContext) -> ssl.SSLContext:
+        ctx.sni_callback = self._on_client_hello
+        ctx.sslobject_class = AlertingSSLObject
+        if self._missing == "answer":
+            # A connection without a certificate completes its handshake, to be answered in
+            # HTTP (GuardedHandler); a certificate that is presented is still verified, and
+            # one that fails verification still ends the handshake with its alert.
+            ctx.verify_mode = ssl.CERT_OPTIONAL
+        return ctx
 
     @property
     def current(self) -> ssl.SSLContext:
@@ -196,6 +241,7 @@ class ReloadingContext:
 
 HANDSHAKE_TIMEOUT = "HANDSHAKE_TIMEOUT"
 CLIENT_CLOSED = "CLIENT_CLOSED"  # the client hung up before finishing the handshake
+NO_CERTIFICATE = "PEER_DID_NOT_RETURN_A_CERTIFICATE"  # OpenSSL's reason, also when answered
 _OPENSSL_TEXT = re.compile(r"\] (.*?)(?: \(_ssl\.c:\d+\))?$")
 
 
@@ -231,26 +277,78 @@ def handshake_refusal(peer: str, exc: BaseException) -> HandshakeRefused:
 OnRefused = Callable[[HandshakeRefused], None]
 
 
+class _Refusing:
+    """One handshake's refusal, shared between TlsSite._handshake and the SSLObject."""
+
+    __slots__ = ("error", "on_refused")
+
+    def __init__(self, on_refused: Callable[[], object]) -> None:
+        self.error: ssl.SSLError | None = None
+        self.on_refused = on_refused
+
+
+# Set by TlsSite._handshake for the handshake it awaits. asyncio and uvloop run a transport's
+# protocol callbacks in a copy of the context the transport was made in, so the SSLObject sees
+# its own connection's slot (a mutable object: the copies share it).
+_refusing: contextvars.ContextVar[_Refusing] = contextvars.ContextVar("gateway_tls_refusing")
+
+
+class AlertingSSLObject(ssl.SSLObject):
+    """An SSLObject whose refused server handshake gets its TLS alert out to the client.
+
+    When do_handshake fails, OpenSSL has already written the alert (certificate required,
+    certificate expired, unknown CA, ...) to the outgoing memory BIO; asyncio's SSLProtocol and
+    uvloop's copy of it then abort the transport without sending it, so the client sees only
+    an empty reply or a reset. Inside a TlsSite handshake, the first failure is kept and
+    reported as "want read" instead: the protocol flushes the outgoing BIO (the alert) to the
+    socket, TlsSite half-closes it, and the kept error is raised on the next call (when the
+    client's next bytes arrive). If the client sends nothing, the client's close (EOF) or the
+    handshake timeout ends it; TlsSite reports the kept error either way. Outside a TlsSite
+    handshake it behaves as a plain SSLObject.
+    """
+
+    def do_handshake(self) -> None:
+        refusing = _refusing.get(None)
+        if refusing is None:
+            super().do_handshake()
+            return
+        if refusing.error is not None:
+            raise refusing.error
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            refusing.error = exc
+            refusing.on_refused()
+            raise ssl.SSLWantReadError("handshake refused; the alert is being sent") from exc
+
+
 class TlsSite(web.BaseSite):
     """Like aiohttp's TCPSite with an ssl_context, but it accepts connections itself and awaits
     each handshake (`loop.connect_accepted_socket`), so a refused handshake is logged as one
     warning line and reported to `on_refused` (e.g. a metrics counter)."""
 
-    __slots__ = ("_handshake_timeout", "_host", "_on_refused", "_port", "_reuse_port")
+    __slots__ = ("_contexts", "_handshake_timeout", "_host", "_on_refused", "_port", "_reuse_port")
 
     def __init__(
         self,
         runner: web.BaseRunner,
         host: str,
         port: int,
-        ssl_context: ssl.SSLContext,
+        ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext],
         *,
         handshake_timeout: float = 10.0,
         on_refused: OnRefused | None = None,
         backlog: int = 128,
         reuse_port: bool = False,
     ) -> None:
-        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        if isinstance(ssl_context, ssl.SSLContext):
+            super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+            self._contexts: Callable[[], ssl.SSLContext] = lambda: ssl_context
+        else:  # e.g. ReloadingContext.handshake_context: one per connection
+            super().__init__(runner, backlog=backlog)
+            self._contexts = ssl_context
         self._host = host
         self._port = port
         self._handshake_timeout = handshake_timeout
@@ -281,19 +379,40 @@ class TlsSite(web.BaseSite):
 
     async def _handshake(self, conn: socket.socket, addr: Any) -> None:
         server = self._runner.server
-        assert server is not None and self._ssl_context is not None
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        # After the alert is flushed, send FIN: a client that does not hang up is not kept.
+        refusing = _Refusing(lambda: loop.call_soon(_half_close, conn))
+        _refusing.set(refusing)  # this task's context, copied into the transport's callbacks
         try:
             # The app's protocol is made, and sees the connection, only after the handshake.
-            await asyncio.get_running_loop().connect_accepted_socket(
-                server, conn, ssl=self._ssl_context, ssl_handshake_timeout=self._handshake_timeout
+            transport, _ = await loop.connect_accepted_socket(
+                server, conn, ssl=self._contexts(), ssl_handshake_timeout=self._handshake_timeout
             )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            refusal = handshake_refusal(_peer(addr), exc)
-            # A TCP health check or port scan closes without a word: not worth a warning.
-            level = logging.DEBUG if refusal.reason == CLIENT_CLOSED else logging.WARNING
-            log.log(level, "%s", refusal)
-            if self._on_refused is not None:
-                self._on_refused(refusal)
+            # The kept error says why, not how the connection ended after the alert.
+            self._refused(handshake_refusal(_peer(addr), refusing.error or exc))
+            return
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and not ssl_object.getpeercert(binary_form=True):
+            # verify_mode CERT_OPTIONAL: the connection is answered in HTTP, and counted here.
+            self._refused(
+                HandshakeRefused(
+                    _peer(addr), NO_CERTIFICATE, "peer did not return a certificate; answered"
+                )
+            )
+
+    def _refused(self, refusal: HandshakeRefused) -> None:
+        # A TCP health check or port scan closes without a word: not worth a warning.
+        level = logging.DEBUG if refusal.reason == CLIENT_CLOSED else logging.WARNING
+        log.log(level, "%s", refusal)
+        if self._on_refused is not None:
+            self._on_refused(refusal)
+
+
+def _half_close(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed by the transport: nothing to do
+        conn.shutdown(socket.SHUT_WR)
 
 
 class _Listener(asyncio.AbstractServer):

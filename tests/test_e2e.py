@@ -262,14 +262,17 @@ async def test_dead_and_slow_upstreams_answer_502_and_504(stack_factory: StackFa
     assert (await slow.soap(slow.client(), "oms", "SubmitOutage_OMSv1_AP")).status == 200
 
 
-async def test_no_client_certificate_is_refused_at_the_handshake(
+async def test_bad_certificates_are_refused_at_the_handshake_and_none_in_http(
     stack_factory: StackFactory,
 ) -> None:
     stack = await stack_factory(OMS)
-    for user in (None, "expired", "otherca", "revoked", "selfsigned", "notyet"):
+    for user in ("expired", "otherca", "revoked", "selfsigned", "notyet"):
         client = stack.client(user)
         with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
             await stack.soap(client, "oms", OMS_RETRIEVE)
+    anonymous = await stack.soap(stack.client(None), "oms", OMS_RETRIEVE)
+    assert anonymous.status == 403 and "X-Echo-Path" not in anonymous.headers
+    assert "AUP-NO-CERTIFICATE" in await anonymous.text()
     assert (await stack.soap(stack.client("jdoex1234"), "oms", OMS_RETRIEVE)).status == 200
 
 

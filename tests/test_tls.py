@@ -10,7 +10,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 import ssl
+import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -31,6 +33,7 @@ from gateway.tls import (
     CLIENT_CLOSED,
     HANDSHAKE_TIMEOUT,
     HandshakeRefused,
+    MissingCertificate,
     ReloadingContext,
     TlsSite,
     client_ssl_context,
@@ -97,21 +100,29 @@ class Server:
 
 @contextlib.asynccontextmanager
 async def serving(
-    tls: TlsSettings, clock: Callable[[], float] | None = None, handshake_timeout: float = 5.0
+    tls: TlsSettings,
+    clock: Callable[[], float] | None = None,
+    handshake_timeout: float = 5.0,
+    per_connection: bool = False,
+    missing_certificate: MissingCertificate = "alert",
 ) -> AsyncIterator[Server]:
+    """TlsSite with the stable context (or, `per_connection`, one context per connection as
+    the gateway has it)."""
     app = web.Application()
     app.router.add_get("/", whoami)
     app.router.add_post("/echo", echo)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        reloading = ReloadingContext(tls, clock) if clock else ReloadingContext(tls)
+        reloading = ReloadingContext(
+            tls, clock or time.monotonic, missing_certificate=missing_certificate
+        )
         server = Server(0, reloading)
         site = TlsSite(
             runner,
             "127.0.0.1",
             0,
-            reloading.context,
+            reloading.handshake_context if per_connection else reloading.context,
             handshake_timeout=handshake_timeout,
             on_refused=server.refused.append,
         )
@@ -181,6 +192,122 @@ async def test_bad_client_certificates_are_refused(
     refusal = await server.refusal()
     assert (refusal.reason, refusal.detail) == (reason, detail)
     assert refusal.peer.startswith("127.0.0.1:")
+
+
+def blocking_exchange(
+    port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> tuple[bool, bytes | OSError, ssl.SSLSession | None]:
+    """(session_reused, the answer or the error that ended it, the session), with Python's
+    blocking ssl module (run it in a thread)."""
+    reused, saved, answer = False, None, b""
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+        ):
+            reused, saved = tls.session_reused, tls.session
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            while chunk := tls.recv(65536):
+                answer += chunk
+    except OSError as exc:
+        return reused, exc, saved
+    return reused, answer, saved
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+@pytest.mark.parametrize(
+    ("presented", "alert"),
+    [
+        ("expired", "SSLV3_ALERT_CERTIFICATE_EXPIRED"),
+        ("notyet", "SSLV3_ALERT_BAD_CERTIFICATE"),
+        ("otherca", "TLSV1_ALERT_UNKNOWN_CA"),
+        ("selfsigned", "TLSV1_ALERT_UNKNOWN_CA"),
+        ("revoked", "SSLV3_ALERT_CERTIFICATE_REVOKED"),
+        ("serveronly", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE"),
+        (None, "ALERT_CERTIFICATE_REQUIRED"),  # TLS 1.3; TLS 1.2 has no such alert
+    ],
+)
+async def test_the_client_receives_the_alert_and_the_refusal_keeps_its_reason(
+    serve: Serve,
+    certs: DemoCerts,
+    presented: str | None,
+    alert: str,
+    version: ssl.TLSVersion,
+) -> None:
+    server = await serve(tls_settings(certs))
+    _, result, _ = await asyncio.to_thread(
+        blocking_exchange, server.port, only(version, client(certs, presented))
+    )
+    if presented is None and version == ssl.TLSVersion.TLSv1_2:
+        alert = "SSLV3_ALERT_HANDSHAKE_FAILURE"
+    assert type(result) is ssl.SSLError and result.reason is not None, result
+    assert result.reason.endswith(alert)
+    assert (await server.refusal()).reason != CLIENT_CLOSED
+
+
+def stay_after_refusal(port: int, ctx: ssl.SSLContext) -> tuple[BaseException | None, bytes]:
+    """Handshake, then neither send nor close: (the error reading ends with, what follows)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        try:
+            tls.recv(1024)
+        except ssl.SSLError as exc:
+            return exc, socket.socket.recv(tls, 1024)  # the bare socket: b"" is the server's FIN
+        return None, b"?"
+
+
+async def test_a_refused_client_that_stays_is_closed_and_reported_with_the_reason(
+    serve: Serve, certs: DemoCerts
+) -> None:
+    """A TLS 1.3 client is done with its handshake before the server checks its certificate:
+    one that then neither sends nor closes still gets the alert and the server's close, and
+    the refusal is reported with its reason, not as a timeout."""
+    server = await serve(tls_settings(certs), handshake_timeout=0.5)
+    ctx = only(ssl.TLSVersion.TLSv1_3, client(certs, "expired"))
+
+    error, after = await asyncio.to_thread(stay_after_refusal, server.port, ctx)
+    assert isinstance(error, ssl.SSLError) and "alert certificate expired" in str(error)
+    assert after == b""
+    refusal = await server.refusal()
+    assert (refusal.reason, refusal.detail) == (
+        "CERTIFICATE_VERIFY_FAILED",
+        "certificate has expired",
+    )
+
+
+async def test_missing_certificate_answer_mode_completes_the_handshake_and_counts_it(
+    serve: Serve, certs: DemoCerts
+) -> None:
+    """The handshake completes (the app must refuse the request: GuardedServer does); a
+    certificate that is presented is still verified and refused with its alert."""
+    server = await serve(tls_settings(certs), missing_certificate="answer")
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=client(certs, None))
+    refusal = await server.refusal()
+    assert refusal.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE"
+    assert refusal.detail.endswith("answered")
+    writer.close()
+    _, result, _ = await asyncio.to_thread(blocking_exchange, server.port, client(certs, "revoked"))
+    assert isinstance(result, ssl.SSLError) and "alert certificate revoked" in str(result)
+    assert (await server.refusal()).detail == "certificate revoked"
+    body = await server.get(client(certs))
+    assert body is not None and body.startswith(JDOE)
+
+
+async def test_no_tls_session_is_resumed_with_a_context_per_connection(
+    serve: Serve, certs: DemoCerts
+) -> None:
+    """The stable context resumes a saved TLS 1.2 session (OpenSSL's session-id cache): the
+    client does ask for it. With one context per connection there is no cache to find it in."""
+    tls12 = only(ssl.TLSVersion.TLSv1_2, client(certs))
+    for per_connection, resumed in [(False, True), (True, False)]:
+        server = await serve(tls_settings(certs), per_connection=per_connection)
+        _, answer, session = await asyncio.to_thread(blocking_exchange, server.port, tls12)
+        assert isinstance(answer, bytes) and answer.startswith(b"HTTP/1.1 200")
+        reused, answer, _ = await asyncio.to_thread(blocking_exchange, server.port, tls12, session)
+        assert reused is resumed
+        assert isinstance(answer, bytes) and answer.startswith(b"HTTP/1.1 200")
 
 
 async def test_revoked_certificate_gets_in_without_the_crl(serve: Serve, certs: DemoCerts) -> None:
@@ -427,9 +554,37 @@ def test_main_paths_on_uvloop(certs: DemoCerts, second_certs: DemoCerts, tmp_pat
     async def scenario() -> None:
         live = install(certs, tmp_path / "live")
         async with serving(
-            tls_settings(live, reload_interval=0.0), handshake_timeout=0.3
+            tls_settings(live, reload_interval=0.0), handshake_timeout=0.3, per_connection=True
         ) as server:
             assert (await server.get(client(certs)) or "").startswith(JDOE)
+            # the alert reaches the client, and the refusal is reported with its reason
+            for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+                ctx = only(version, client(certs, "expired"))
+                _, result, _ = await asyncio.to_thread(blocking_exchange, server.port, ctx)
+                assert isinstance(result, ssl.SSLError), result
+                assert result.reason == "SSLV3_ALERT_CERTIFICATE_EXPIRED"
+                assert (await server.refusal()).detail == "certificate has expired"
+            _, result, _ = await asyncio.to_thread(
+                blocking_exchange, server.port, client(certs, None)
+            )
+            assert isinstance(result, ssl.SSLError), result
+            assert result.reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+            assert (await server.refusal()).reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE"
+            error, after = await asyncio.to_thread(
+                stay_after_refusal,
+                server.port,
+                only(ssl.TLSVersion.TLSv1_3, client(certs, "revoked")),
+            )
+            assert isinstance(error, ssl.SSLError) and "alert certificate revoked" in str(error)
+            assert after == b""
+            assert (await server.refusal()).detail == "certificate revoked"
+            # no saved TLS 1.2 session is resumed
+            tls12 = only(ssl.TLSVersion.TLSv1_2, client(certs))
+            _, _, session = await asyncio.to_thread(blocking_exchange, server.port, tls12)
+            reused, answer, _ = await asyncio.to_thread(
+                blocking_exchange, server.port, tls12, session
+            )
+            assert reused is False and isinstance(answer, bytes) and b" 200 " in answer
             for presented, detail in [
                 ("expired", "certificate has expired"),
                 ("revoked", "certificate revoked"),
