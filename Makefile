@@ -25,8 +25,10 @@ certs: $(STAMP)
 check: $(STAMP)
 	$(PY) -m gateway check --config gateway.yaml
 
-# Installs redis-server, chromium, nginx and promtool from Debian's packages when missing (as root), then runs
-# the whole suite. Tests that need Redis start their own redis-server on a free port.
+# Installs redis-server, chromium, nginx, promtool and the client programs of the compatibility
+# suite (curl, Java 17, node and npm, JAX-WS) from Debian's packages when missing (as root), then
+# runs the whole suite; the suite installs npm's `soap` into the virtualenv itself. Tests that
+# need Redis start their own redis-server on a free port.
 test: $(STAMP) system-test-deps
 	$(PY) -m pytest -q
 
@@ -39,7 +41,9 @@ bench: $(STAMP) system-bench-deps
 	$(PY) -m bench.run
 
 system-test-deps:
-	@bash .ci/system-deps redis-server:redis-server chromium:chromium nginx:nginx promtool:prometheus
+	@bash .ci/system-deps redis-server:redis-server chromium:chromium nginx:nginx promtool:prometheus \
+		curl:curl javac:openjdk-17-jdk-headless node:nodejs npm:npm \
+		/usr/share/java/jaxws-rt.jar:libjaxws-java
 
 system-bench-deps:
 	@bash .ci/system-deps redis-server:redis-server nginx:nginx ab:apache2-utils

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 
 from gateway import faults
+from gateway.connection import CONTINUED, expects_continue, send_continue
 from gateway.errors import ErrorCode, UpstreamError
 from gateway.forward import BodyTooLarge, Upstreams
 from gateway.identity import ClientIdentity, IdentityCache
@@ -98,6 +99,8 @@ class Gateway:
         outcome = Outcome(next(self._request_ids), None, method=request.method)
         try:
             response = await self._handle(request, outcome)
+            if expects_continue(request) and not request.get(CONTINUED):
+                response.force_close()  # answered before `100 Continue`: the body never comes
             outcome.status = response.status
             return response
         finally:
@@ -147,6 +150,7 @@ class Gateway:
             )
         prefix = b""  # the start of the body, when the service had to be read from it
         if target.from_body:
+            await send_continue(request)  # the service is in the body: it must come first
             routed, prefix = await route_by_body(target, content_type, request.content.read)
             if isinstance(routed, NoRoute):
                 outcome.decision = "refused"

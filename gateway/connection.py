@@ -9,7 +9,8 @@ makes `GuardedHandler`s, which add, per connection:
 - a head deadline: a request head must be complete within `read_timeout` of the connection
   opening or of its first byte; else 408 (when part of a head came) and the connection closes;
 - a body deadline: while a request body is incomplete, more of it must arrive at least every
-  `read_timeout`, unless the gateway itself stopped reading (an upstream slow to take it);
+  `read_timeout`, unless the gateway itself stopped reading (an upstream slow to take it) or
+  the client is waiting, as it should, for the `100 Continue` it asked for (`send_continue`);
 - a send deadline: while the gateway's output to the client is backed up, the client must take
   some of it at least every `read_timeout`;
 - a cap on concurrent connections per identity, read from the verified certificate when the
@@ -23,6 +24,10 @@ makes `GuardedHandler`s, which add, per connection:
   request lines of HTTP/0.9 or HTTP/2.0 (which llhttp parses) answered 505, never forwarded.
 
 Each connection has at most one timer, re-armed lazily: bytes arriving only move a float.
+
+`Expect: 100-continue` (RFC 9110 §10.1.1) is answered here, but only when the handler says so
+(`send_continue`): aiohttp's low-level server never answers it, and the gateway must decide
+first, so a refused call gets its fault before the client sends its body.
 """
 
 from __future__ import annotations
@@ -37,10 +42,11 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import hdrs, web
-from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from multidict import CIMultiDictProxy
 
 from gateway import faults
 from gateway.errors import ErrorCode
@@ -53,6 +59,8 @@ Identify = Callable[[bytes], ClientIdentity]
 _HTTP1 = (HttpVersion11, HttpVersion10)
 _QUOTED = re.compile(r"b?'([^']*)'|b?\"([^\"]*)\"")
 _PLAIN_NAME = re.compile(r"^[A-Za-z-]{1,30}$")
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+CONTINUED = web.RequestKey("continued", bool)  # `100 Continue` was sent for this request
 
 
 @dataclass(slots=True)
@@ -130,6 +138,7 @@ class GuardedHandler(RequestHandler):
         "_guard",
         "_head_bytes",
         "_head_deadline",
+        "_held",
         "_identity_key",
         "_payload",
         "_read_timeout",
@@ -151,6 +160,9 @@ class GuardedHandler(RequestHandler):
         self._head_bytes = False  # part of a request head has arrived
         self._body_deadline: float | None = None
         self._payload: StreamReader | None = None  # the body of the newest request
+        # The body of a request whose client waits for `100 Continue`: no body deadline
+        # runs until the gateway has sent it (`continued`).
+        self._held: StreamReader | None = None
         self._send_deadline: float | None = None
         self._send_backlog = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -192,11 +204,16 @@ class GuardedHandler(RequestHandler):
             self._head_deadline = None
             self._head_bytes = False
             self._refuse_other_versions(self._request_count - count)
-            payload = self._messages[-1][1] if self._messages else None
+            message, payload = self._messages[-1] if self._messages else (None, None)
             self._payload = payload
             if payload is not None and not payload.is_eof():
-                self._body_deadline = self._loop.time() + self._read_timeout
-                self._arm(self._body_deadline)
+                if isinstance(message, RawRequestMessage) and _asks_continue(
+                    message.version, message.headers
+                ):
+                    self._held = payload
+                else:
+                    self._body_deadline = self._loop.time() + self._read_timeout
+                    self._arm(self._body_deadline)
         elif in_body:
             self._body_deadline = self._loop.time() + self._read_timeout  # progress
         elif data:
@@ -204,6 +221,13 @@ class GuardedHandler(RequestHandler):
             if self._head_deadline is None:
                 self._head_deadline = self._loop.time() + self._read_timeout
                 self._arm(self._head_deadline)
+
+    def continued(self, payload: StreamReader) -> None:
+        """`100 Continue` went out for `payload`: from now on its client owes the body."""
+        if self._held is payload:
+            self._held = None
+            self._body_deadline = self._loop.time() + self._read_timeout
+            self._arm(self._body_deadline)
 
     def _refuse_other_versions(self, new: int) -> None:
         """Swap HTTP/0.9 and HTTP/2.0 heads (llhttp parses both) for a 505 error entry."""
@@ -251,7 +275,7 @@ class GuardedHandler(RequestHandler):
             payload = self._payload
             if payload is None or payload.is_eof():
                 self._body_deadline = None
-            elif self._reading_paused or self._buffer_paused:
+            elif self._reading_paused or self._buffer_paused or payload is self._held:
                 self._body_deadline = later  # the gateway is not reading: not the client's fault
             else:
                 self._time_out("body", "no request body bytes arrived")
@@ -355,6 +379,31 @@ class GuardedHandler(RequestHandler):
         response.headers[hdrs.SERVER] = self._guard.server_name
         response.force_close()
         return response
+
+
+def expects_continue(request: web.BaseRequest) -> bool:
+    """The client sent a body's head only and waits for `100 Continue` (or a final answer)."""
+    return request.body_exists and _asks_continue(request.version, request.headers)
+
+
+def _asks_continue(version: HttpVersion, headers: CIMultiDictProxy[str]) -> bool:
+    # HTTP/1.0 clients never get a 1xx (RFC 9110 §15.2); other expectations are ignored.
+    return version >= HttpVersion11 and headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    """Tell a client that waits with its body to send it now: once, and only if it asked.
+
+    Called by the handler when the call is allowed (or when the service must be read from the
+    body); every answer given before then is final, and the client never sends its body.
+    """
+    if request.get(CONTINUED) or not expects_continue(request):
+        return
+    request[CONTINUED] = True
+    protocol = request.protocol
+    if isinstance(protocol, GuardedHandler):
+        protocol.continued(request.content)
+    await request.writer.write(_CONTINUE)
 
 
 def _closing_fault(

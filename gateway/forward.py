@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
+from gateway.connection import send_continue
 from gateway.errors import UpstreamError
 from gateway.identity import ClientIdentity
 from gateway.settings import Application, Settings
@@ -39,6 +40,8 @@ HOP_BY_HOP = frozenset(
         "Upgrade",
         "Host",
         "Content-Length",
+        # Answered by the gateway itself (connection.send_continue), never passed on.
+        "Expect",
     )
 )
 # Headers only the gateway may set: whatever a client sends under these names is dropped.
@@ -113,7 +116,8 @@ class Upstreams:
         length = request.content_length
         body: bytes | AsyncIterator[bytes] | None
         if length is not None and length > max_body:
-            raise BodyTooLarge
+            raise BodyTooLarge  # before `100 Continue`: the client never sends the body
+        await send_continue(request)
         if length is not None and length <= BUFFER_LIMIT:
             try:
                 body = prefix + await request.read() if length else None
