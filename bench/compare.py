@@ -23,7 +23,7 @@ from bench import configs
 from bench.procs import Processes
 from bench.report import Row, Scenario
 from bench.run import SCENARIOS, Bench, _tool, parse_args, select
-from gateway.certs import bundle_path, write_demo_certs
+from gateway.demo.certs import bundle_path, write_demo_certs
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:

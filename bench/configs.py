@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.certs import DemoCerts
+from gateway.demo.certs import DemoCerts
 
 SERVICE_PATH = "/sst/oms/RetrieveCurrentOutages_OMSv1_AP"
 CONTENT_TYPE = "text/xml; charset=utf-8"

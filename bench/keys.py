@@ -24,10 +24,10 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
+from gateway.config.settings import StoreSettings
 from gateway.limiter.base import Rate, limiter_key
 from gateway.limiter.factory import limiter_from_url
 from gateway.limiter.memory import MemoryLimiter
-from gateway.settings import StoreSettings
 
 SIZES = (1, 10_000, 1_000_000)
 SERVICE = "RetrieveCurrentOutages_OMSv1_AP"

@@ -32,13 +32,19 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from gateway.app import Outcome
-from gateway.identity import ClientIdentity
-from gateway.ledger import FileSink, LedgerWriter, Query, StreamSink
+from gateway.edge.identity import ClientIdentity
 from gateway.limiter.base import limiter_key
+from gateway.ops.ledger import FileSink, LedgerWriter, Query, StreamSink
+from gateway.outcome import Outcome
 
 # The last commit whose ledger wrote one entry per rejection (main before the episode ledger).
 PER_REJECTION_COMMIT = "a9aea56"
+_MOVED = {
+    "identity": "edge.identity",
+    "settings": "config.settings",
+    "yamlread": "config.yamlread",
+    "app": "outcome",
+}
 REJECTIONS = 50_000
 RATE = 11_000  # rejections/s, one runaway client on one gateway process (the issue's figure)
 SPREAD_KEYS = 1_000
@@ -102,6 +108,9 @@ def old_ledger() -> ModuleType | None:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
+    # The modules it imports have moved since (issue 12's layout): point it at their new homes.
+    for old, new in _MOVED.items():
+        source = source.replace(f"from gateway.{old} import", f"from gateway.{new} import")
     folder = Path(tempfile.mkdtemp(prefix="ledger-old-"))
     path = folder / "per_rejection_ledger.py"
     path.write_text(source)

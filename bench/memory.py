@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bench.procs import rss_kib
-from gateway.certs import participant_subject
-from gateway.identity import IdentityCache
+from gateway.demo.certs import participant_subject
+from gateway.edge.identity import IdentityCache
 from gateway.limiter.base import Rate, limiter_key
 from gateway.limiter.memory import MemoryLimiter
 

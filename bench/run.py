@@ -57,7 +57,7 @@ from bench.report import (
     memory_lines,
     targets,
 )
-from gateway.certs import DemoCerts, bundle_path, write_demo_certs
+from gateway.demo.certs import DemoCerts, bundle_path, write_demo_certs
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("ab", "nginx", "redis-server")

@@ -81,16 +81,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "serve":
-        from gateway.server import run_workers
-        from gateway.settings import load_settings
+        from gateway.config.settings import load_settings
+        from gateway.ops.server import run_workers
 
         return run_workers(load_settings(args.config), args.workers)
     if args.command == "check":
-        from gateway.check import check
+        from gateway.config.check import check
 
         return check(args.config)
     if args.command == "certs":
-        from gateway.certs import write_demo_certs
+        from gateway.demo.certs import write_demo_certs
 
         made = write_demo_certs(args.out)
         print(
@@ -99,12 +99,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     if args.command == "mock-upstream":
-        from gateway.mock import serve_mock_upstream
+        from gateway.demo.mock import serve_mock_upstream
 
         serve_mock_upstream(args.host, args.soap_port, args.rest_port)
         return 0
     if args.command == "ledger":
-        from gateway.ledger import print_ledger
+        from gateway.ops.ledger import print_ledger
 
         return print_ledger(
             args.config,
@@ -118,11 +118,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             as_json=args.json,
         )
     if args.command == "simulate":
-        from gateway.simulate import run_simulate
+        from gateway.ops.simulate import run_simulate
 
         return run_simulate(args.config, args.policies, args.calls, args.json)
     if args.command == "demo":
-        from gateway.demo import run_demo
+        from gateway.demo.demo import run_demo
 
         run_demo(args.config)
         return 0

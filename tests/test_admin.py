@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway.config.settings import AdminSettings
 from gateway.limiter.memory import MemoryLimiter
-from gateway.settings import AdminSettings
 from tests.support.clock import FakeClock
 from tests.support.ops import admin, restart_with, samples, value, wait_for
 from tests.support.stack import DRRS, ENVELOPE, OMS, SOAP11, Stack, StackFactory

@@ -12,9 +12,9 @@ from bench import configs
 from bench.ab import parse_ab
 from bench.ledger import ledger_table, run_ledger_costs
 from bench.run import SCENARIOS, select
-from gateway.certs import DemoCerts, write_demo_certs
-from gateway.policy import load_policies
-from gateway.settings import load_settings
+from gateway.config.policy import load_policies
+from gateway.config.settings import load_settings
+from gateway.demo.certs import DemoCerts, write_demo_certs
 from tests.support.tools import require
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.check import check
 from gateway.cli import main
+from gateway.config.check import check
+from gateway.config.policy import load_policies
+from gateway.config.settings import load_settings
 from gateway.errors import ConfigError
-from gateway.policy import load_policies
-from gateway.settings import load_settings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent

@@ -16,11 +16,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.certs import DemoCerts
-from gateway.check import check
-from gateway.server import start
-from gateway.settings import load_settings
-from gateway.yamlread import parse_duration
+from gateway.config.check import check
+from gateway.config.settings import load_settings
+from gateway.config.yamlread import parse_duration
+from gateway.demo.certs import DemoCerts
+from gateway.ops.server import start
 from tests.support.ops import admin, client_ssl, samples, value, wait_for
 from tests.support.stack import ENVELOPE, SOAP11, Upstream
 

@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 from defusedxml import ElementTree
 
+from gateway.demo.mock import pattern_chunks
 from gateway.limiter.memory import MemoryLimiter
-from gateway.mock import pattern_chunks
 from tests.support.clock import FakeClock
 from tests.support.stack import DRRS, OMS, SOAP11, SOAP12, StackFactory
 

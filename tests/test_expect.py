@@ -12,7 +12,7 @@ import asyncio
 import json
 import ssl
 
-from gateway.connection import GuardedServer
+from gateway.edge.connection import GuardedServer
 from gateway.errors import ErrorCode
 from gateway.limiter.base import Decision, KeyState, Rate
 from gateway.limiter.memory import MemoryLimiter

@@ -1,7 +1,7 @@
 """Every fault a running gateway makes, as the market's clients read it.
 
 Real gateways (tests/support/stack.py), real TLS and HTTP; each fault's `detail/outputDataType`
-is validated with lxml against the operator's StandardOutput schema (gateway/static), read typed
+is validated with lxml against the operator's StandardOutput schema (gateway/proxy), read typed
 by zeep (SOAP 1.1 and 1.2) and by suds through a WSDL whose fault message imports that schema
 (tests/fixtures/wsdl), and the rate-limit headers are parsed as Structured Fields by `http_sf`.
 """
@@ -34,7 +34,7 @@ from gateway.errors import ErrorCode
 from tests.support.stack import DRRS, OMS, SOAP11, SOAP12, Stack, StackFactory
 
 ROOT = Path(__file__).parent.parent
-XSD = ROOT / "gateway" / "static" / "StandardOutput.xsd"
+XSD = ROOT / "gateway" / "proxy" / "StandardOutput.xsd"
 WSDL = Path(__file__).parent / "fixtures" / "wsdl"
 SO_NS = "http://www.caiso.com/soa/2006-06-13/StandardOutput.xsd"
 SO = "{" + SO_NS + "}"

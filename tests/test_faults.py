@@ -14,8 +14,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.config.settings import Application, FaultStatuses, Protocol
+from gateway.config.settings import FaultShape as SettingsShape
 from gateway.errors import ErrorCode
-from gateway.faults import (
+from gateway.limiter.base import Decision, Rate
+from gateway.proxy.faults import (
     Fault,
     error_fault,
     policy_header,
@@ -28,9 +31,6 @@ from gateway.faults import (
     violation_fault,
     xml_text,
 )
-from gateway.limiter.base import Decision, Rate
-from gateway.settings import Application, FaultStatuses, Protocol
-from gateway.settings import FaultShape as SettingsShape
 
 SOAP11 = "{http://schemas.xmlsoap.org/soap/envelope/}"
 SOAP12 = "{http://www.w3.org/2003/05/soap-envelope}"
@@ -510,7 +510,7 @@ def test_shape_for_unknown_application() -> None:
 
 def test_module_has_no_tree_building_imports() -> None:
     # The hot path formats templates; building XML trees per request is what this guards against.
-    source = Path(__file__).parents[1].joinpath("gateway", "faults.py").read_text()
+    source = Path(__file__).parents[1].joinpath("gateway", "proxy", "faults.py").read_text()
     assert "ElementTree" not in source and "minidom" not in source
 
 
@@ -519,7 +519,7 @@ def test_module_has_no_tree_building_imports() -> None:
 def test_cached_violation_faults_are_byte_for_byte_the_rendered_ones(
     shape: str, statuses: FaultStatuses
 ) -> None:
-    from gateway.faults import ViolationFaults, render_message, violation_fault
+    from gateway.proxy.faults import ViolationFaults, render_message, violation_fault
 
     cache = ViolationFaults()
     rate = Rate(1, 30.0, reset_on_early_retry=True)

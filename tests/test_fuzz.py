@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.forward import HOP_BY_HOP, OWNED
-from gateway.identity import identity_from_der
+from gateway.edge.identity import identity_from_der
+from gateway.proxy.forward import HOP_BY_HOP, OWNED
 from tests.support import recording
 from tests.support.recording import Answer, Seen, exchange_sync
 from tests.support.stack import StackFactory

@@ -1,4 +1,4 @@
-"""gateway.identity on the demo certificates: what the limiter keys on and the upstream sees."""
+"""gateway.edge.identity on the demo certificates: what the limiter keys on and upstreams see."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.certs import DemoCerts, participant_subject
-from gateway.identity import IdentityCache, identity_from_der, normalise_dn
+from gateway.demo.certs import DemoCerts, participant_subject
+from gateway.edge.identity import IdentityCache, identity_from_der, normalise_dn
 
 
 def der(certs: DemoCerts, name: str) -> bytes:

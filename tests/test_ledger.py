@@ -26,10 +26,12 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from gateway.app import Outcome
-from gateway.certs import DemoCerts
-from gateway.identity import ClientIdentity
-from gateway.ledger import (
+from gateway.config.settings import load_settings
+from gateway.demo.certs import DemoCerts
+from gateway.edge.identity import ClientIdentity
+from gateway.limiter.base import limiter_key
+from gateway.limiter.memory import MemoryLimiter
+from gateway.ops.ledger import (
     FileSink,
     LedgerEntry,
     LedgerSink,
@@ -41,9 +43,7 @@ from gateway.ledger import (
     print_ledger,
     support_entry,
 )
-from gateway.limiter.base import limiter_key
-from gateway.limiter.memory import MemoryLimiter
-from gateway.settings import load_settings
+from gateway.outcome import Outcome
 from tests.support.clock import FakeClock
 from tests.support.ops import (
     admin,

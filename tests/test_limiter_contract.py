@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from gateway.config.settings import StoreSettings
 from gateway.limiter import Limiter, Rate, ResilientLimiter, limiter_from_url, limiter_key
-from gateway.settings import StoreSettings
 
 T0 = 1_700_000_000.0
 OMS = Rate(limit=1, per=5.0)

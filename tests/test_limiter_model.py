@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.config.settings import StoreSettings
 from gateway.limiter import KeyState, MemoryLimiter, Rate, RedisLimiter, limiter_from_url
-from gateway.settings import StoreSettings
 from tests.support.redis import RedisServer
 
 TICK = 1 / 64

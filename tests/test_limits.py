@@ -13,7 +13,7 @@ import asyncio
 import ssl
 import time
 
-from gateway.connection import GuardedServer
+from gateway.edge.connection import GuardedServer
 from tests.support import recording
 from tests.support.recording import Seen
 from tests.support.stack import OMS, SOAP11, Stack, StackFactory

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from gateway.config.settings import StoreSettings
 from gateway.limiter import Rate, ResilientLimiter, limiter_from_url
-from gateway.settings import StoreSettings
 from tests.test_redis_store import key
 
 OMS = Rate(1, 0.6)

@@ -19,7 +19,7 @@ import aiohttp
 import defusedxml.ElementTree as SafeET
 import pytest
 
-from gateway.mock import MockUpstream, pattern_chunks, run_mock_upstream, start_mock_upstream
+from gateway.demo.mock import MockUpstream, pattern_chunks, run_mock_upstream, start_mock_upstream
 
 SOAP11 = "{http://schemas.xmlsoap.org/soap/envelope/}"
 SOAP12 = "{http://www.w3.org/2003/05/soap-envelope}"

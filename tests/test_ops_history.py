@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.app import Outcome
-from gateway.history import History
-from gateway.metrics import GatewayMetrics
+from gateway.ops.history import History
+from gateway.ops.metrics import GatewayMetrics
+from gateway.outcome import Outcome
 from tests.support.ops import admin
 from tests.support.stack import DRRS, OMS, StackFactory
 from tests.test_ops_page import PNG_SIGNATURE, Browser, chromium

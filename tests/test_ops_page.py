@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from defusedxml import ElementTree
 
+from gateway.config.settings import AdminSettings
 from gateway.limiter.memory import MemoryLimiter
-from gateway.settings import AdminSettings
 from tests.support.clock import FakeClock
 from tests.support.ops import admin, restart_with
 from tests.support.stack import DRRS, OMS, Stack, StackFactory

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from gateway.ledger import LedgerEntry
+from gateway.ops.ledger import LedgerEntry
 from tests.support.ops import samples, value, wait_for
 from tests.support.redis import RedisServer
 from tests.support.replicas import STORE_OPTIONS, Caller, ReplicaFactory, ReplicaSet

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config.policy import load_policies
+from gateway.config.settings import load_settings
 from gateway.limiter.memory import MemoryLimiter
-from gateway.policy import load_policies
-from gateway.settings import load_settings
 from tests.support.clock import FakeClock
 from tests.support.ops import admin, samples, value
 from tests.support.stack import OMS, StackFactory

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis, RedisCluster
 
+from gateway.config.settings import StoreSettings
 from gateway.errors import ConfigError
 from gateway.limiter import (
     Rate,
@@ -26,7 +27,6 @@ from gateway.limiter import (
     limiter_from_url,
     limiter_key,
 )
-from gateway.settings import StoreSettings
 from tests.support.redis_cluster import RedisClusterSet
 from tests.support.replicas import Caller, ReplicaFactory
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from gateway.config.settings import StoreSettings
 from gateway.errors import StoreUnavailable
 from gateway.limiter import Rate, RedisLimiter, limiter_from_url, limiter_key
 from gateway.limiter.redis import Pipeline
-from gateway.settings import StoreSettings
 from tests.support.redis import RedisServer
 
 TIMEOUT = 0.1

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from gateway.config.settings import StoreSettings
 from gateway.limiter import Rate, limiter_from_url, limiter_key
-from gateway.settings import StoreSettings
 from tests.support.redis_cluster import SentinelSet
 from tests.support.replicas import Answer, Caller, ReplicaFactory
 

@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 import pytest
 from redis.crc import key_slot
 
-from gateway.certs import DemoCerts
+from gateway.config.settings import StoreSettings
+from gateway.demo.certs import DemoCerts
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.limiter import (
     Decision,
@@ -28,7 +29,6 @@ from gateway.limiter import (
     limiter_key,
 )
 from gateway.limiter.factory import redis_connection_kwargs
-from gateway.settings import StoreSettings
 from tests.support.redis import RedisServer, RedisTls, redis_executable
 
 OMS = Rate(limit=1, per=5.0)

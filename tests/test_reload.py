@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 from defusedxml import ElementTree
 
-from gateway.certs import DemoCerts
+from gateway.demo.certs import DemoCerts
 from gateway.limiter.memory import MemoryLimiter
-from gateway.reload import PolicyReloader
+from gateway.ops.reload import PolicyReloader
 from tests.support.clock import FakeClock
 from tests.support.ops import (
     admin,

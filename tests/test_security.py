@@ -22,12 +22,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from defusedxml import ElementTree
 
-from gateway.access import subject_pattern
-from gateway.certs import DemoCerts
-from gateway.forward import OWNED
-from gateway.identity import identity_from_der
+from gateway.config.access import subject_pattern
+from gateway.config.policy import load_policies
+from gateway.demo.certs import DemoCerts
+from gateway.edge.identity import identity_from_der
 from gateway.limiter.memory import MemoryLimiter
-from gateway.policy import load_policies
+from gateway.proxy.forward import OWNED
 from tests.support import recording
 from tests.support.clock import FakeClock
 from tests.support.recording import Answer, Seen, exchange

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config.settings import load_settings
 from gateway.errors import ConfigError
-from gateway.settings import load_settings
 
 BASE = """\
 tls: {cert: s.pem, key: k.pem, client_ca: ca.pem}

@@ -19,9 +19,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.certs import DemoCerts
-from gateway.ledger import LedgerEntry
-from gateway.mock import create_soap_app
+from gateway.demo.certs import DemoCerts
+from gateway.demo.mock import create_soap_app
+from gateway.ops.ledger import LedgerEntry
 from tests.support.ops import (
     client_ssl,
     free_port,

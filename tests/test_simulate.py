@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from gateway.simulate import simulate
+from gateway.ops.simulate import simulate
 from tests.support.ops import restart_with
 from tests.support.stack import ENVELOPE, SOAP11, Stack, StackFactory
 

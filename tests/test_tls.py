@@ -25,11 +25,10 @@ import uvloop
 from aiohttp import web
 from cryptography import x509
 
-from gateway.certs import DemoCerts, bundle_path, write_demo_certs
-from gateway.errors import ConfigError
-from gateway.identity import identity_from_der
-from gateway.settings import TlsSettings
-from gateway.tls import (
+from gateway.config.settings import TlsSettings
+from gateway.demo.certs import DemoCerts, bundle_path, write_demo_certs
+from gateway.edge.identity import identity_from_der
+from gateway.edge.tls import (
     CLIENT_CLOSED,
     HANDSHAKE_TIMEOUT,
     HandshakeRefused,
@@ -39,6 +38,7 @@ from gateway.tls import (
     client_ssl_context,
     server_ssl_context,
 )
+from gateway.errors import ConfigError
 
 JDOE = "CN=jdoex1234,OU=people,O=CAISO,C=US"
 

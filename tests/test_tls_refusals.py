@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.certs import DemoCerts, bundle_path, write_demo_certs
+from gateway.demo.certs import DemoCerts, bundle_path, write_demo_certs
 from tests.support import recording
 from tests.support.recording import Seen, exchange
 from tests.support.stack import Stack, StackFactory

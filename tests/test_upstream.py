@@ -20,10 +20,10 @@ import aiohttp
 import pytest
 import uvloop
 
-from gateway.certs import DemoCerts
-from gateway.mock.echo import pattern_chunks
-from gateway.mock.server import MockUpstream, start_mock_upstream
-from gateway.upstream import HIGH_WATER, UpstreamFailed, UpstreamPool, UpstreamTimeout
+from gateway.demo.certs import DemoCerts
+from gateway.demo.mock.echo import pattern_chunks
+from gateway.demo.mock.server import MockUpstream, start_mock_upstream
+from gateway.proxy.upstream import HIGH_WATER, UpstreamFailed, UpstreamPool, UpstreamTimeout
 from tests.support.stack import OMS, SOAP11, StackFactory
 
 # --- a scripted raw upstream --------------------------------------------------------------------

@@ -46,12 +46,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
+from gateway.config.settings import StoreErrorMode, StoreSettings
 from gateway.errors import ConfigError
 from gateway.limiter.base import Limiter
 from gateway.limiter.fallback import ResilientLimiter
 from gateway.limiter.memory import MemoryLimiter
 from gateway.limiter.redis import Pipeline, RedisLimiter, Target
-from gateway.settings import StoreErrorMode, StoreSettings
 
 Clock = Callable[[], float]
 # A builder makes the primary limiter for one URL and names it without credentials (for logs).

@@ -40,7 +40,7 @@ from gateway.limiter.lockcache import LockCache
 from gateway.limiter.memory import MemoryLimiter
 
 if TYPE_CHECKING:
-    from gateway.settings import StoreErrorMode
+    from gateway.config.settings import StoreErrorMode
 
 StoreState = Literal["ok", "fallback"]
 Source = Literal["store", "cache", "local", "allow", "deny"]

@@ -37,7 +37,7 @@ _T = TypeVar("_T")
 
 def _script(name: str) -> tuple[str, str]:
     """A script's source and the SHA1 that Redis will know it by."""
-    source = files("gateway.limiter").joinpath(name).read_text(encoding="utf-8")
+    source = files("gateway.limiter").joinpath("lua", name).read_text(encoding="utf-8")
     return source, hashlib.sha1(source.encode("utf-8")).hexdigest()
 
 

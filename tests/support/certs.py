@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.certs import DemoCerts, write_demo_certs
+from gateway.demo.certs import DemoCerts, write_demo_certs
 
 
 @pytest.fixture(scope="session")

@@ -19,10 +19,10 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.certs import DemoCerts
+from gateway.config.settings import load_settings
+from gateway.demo.certs import DemoCerts
 from gateway.limiter.base import Limiter
-from gateway.server import Running, start
-from gateway.settings import load_settings
+from gateway.ops.server import Running, start
 from tests.support.stack import Stack
 
 

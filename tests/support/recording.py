@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from gateway.mock import create_rest_app, create_soap_app
-from gateway.mock.echo import Handler
+from gateway.demo.mock import create_rest_app, create_soap_app
+from gateway.demo.mock.echo import Handler
 from tests.support.stack import Upstream
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.certs import DemoCerts
+from gateway.demo.certs import DemoCerts
 from tests.support.redis_cluster import free_port
 from tests.support.stack import ENVELOPE, SOAP11
 

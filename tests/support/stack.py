@@ -17,11 +17,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.certs import DemoCerts
+from gateway.config.settings import load_settings
+from gateway.demo.certs import DemoCerts
+from gateway.demo.mock import create_rest_app, create_soap_app
 from gateway.limiter.base import Limiter
-from gateway.mock import create_rest_app, create_soap_app
-from gateway.server import Running, start
-from gateway.settings import load_settings
+from gateway.ops.server import Running, start
 
 SOAP11 = "text/xml; charset=utf-8"
 SOAP12 = "application/soap+xml; charset=utf-8"

@@ -1,0 +1,1 @@
+"""The demo: certificates and the mock market services."""

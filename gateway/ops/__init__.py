@@ -1,0 +1,1 @@
+"""Running and watching the gateway: server, admin API, metrics, reload, ledger."""

@@ -1,0 +1,1 @@
+"""One request, top to bottom: route, decide, forward or fault."""
