@@ -3,9 +3,10 @@ and the ops page. It listens on its own port (loopback by default), never on the
 
 Authentication: when `admin.token` is set, every endpoint wants `Authorization: Bearer <token>`
 and answers 401 without it, except three that reveal nothing: `/healthz` (liveness), `/readyz`
-(its status code and a one-word status; the details need the token) and `/ops` (the page's HTML
-shell; the data it fetches needs the token, which the page reads from its URL fragment,
-`/ops#token=...`, so the token is never sent in a URL or written to an access log).
+(its status code and a one-word status; the details need the token) and the ops pages' HTML
+shells, `/ops` and `/ops/participant` (the data they fetch needs the token, which the pages read
+from the URL fragment, `/ops#token=...`, so the token is never sent in a URL or written to an
+access log). The page's "clear this lockout" action asks for the token again and sends it.
 
 Endpoints:
 
@@ -22,6 +23,9 @@ Endpoints:
     GET  /ledger?identity=&application=&service=&since=&until=&limit=
                                   ledger episodes (docs/ledger.md), oldest first
     GET  /ops, /ops/data          the ops page and the JSON it refreshes from
+    GET  /ops/participant?identity=, /ops/participant/data?identity=
+                                  one participant's page: its ledger episodes and the live
+                                  state of every key they name (the explain answer per key)
 """
 
 from __future__ import annotations
@@ -53,9 +57,11 @@ if TYPE_CHECKING:  # the admin side reads the gateway; only the server builds it
     from gateway.proxy.app import Gateway
 
 support_log = logging.getLogger("gateway.support")
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/ops"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/ops", "/ops/participant"})
 OPS_WINDOW = 900.0  # the ops page's default look-back, seconds
 OPS_ENTRIES = 5_000  # at most this many recent entries are aggregated per refresh
+PARTICIPANT_EPISODES = 500  # the participant page shows this many most recent episodes
+PARTICIPANT_KEYS = 20  # and the live state of at most this many of their keys
 
 
 @dataclass
@@ -93,6 +99,8 @@ def create_admin_app(state: AdminState) -> web.Application:
     app.router.add_get("/ledger", ledger)
     app.router.add_get("/ops", ops_page)
     app.router.add_get("/ops/data", ops_data)
+    app.router.add_get("/ops/participant", participant_page)
+    app.router.add_get("/ops/participant/data", participant_data)
     app.on_response_prepare.append(_server_header)
     return app
 
@@ -243,18 +251,22 @@ class _Key:
 
 def _key_from_query(state: AdminState, request: web.Request) -> _Key:
     """The limiter key named by ?identity=&application=&service=, as the handler builds it."""
-    settings = state.gateway.settings
     query = request.query
     missing = [name for name in ("identity", "application", "service") if not query.get(name)]
     if missing:
         raise _BadQuery(f"missing query parameter(s): {', '.join(missing)}")
-    app = settings.application(query["application"])
+    return _key_from(state, query["identity"], query["application"], query["service"])
+
+
+def _key_from(state: AdminState, identity: str, application: str, service: str) -> _Key:
+    settings = state.gateway.settings
+    app = settings.application(application)
     if app is None:
         raise _BadQuery(
-            f"application {query['application']!r} is not configured "
+            f"application {application!r} is not configured "
             f"(known: {', '.join(settings.applications)})"
         )
-    identity = query["identity"].strip()
+    identity = identity.strip()
     if settings.identity == "subject":
         if "=" not in identity:
             raise _BadQuery(
@@ -267,7 +279,6 @@ def _key_from_query(state: AdminState, request: web.Request) -> _Key:
             raise _BadQuery(f"identity: {exc}") from None
     elif settings.identity == "fingerprint":
         identity = identity.replace(":", "").lower()
-    service = query["service"]
     return _Key(identity, app, service, limiter_key(identity, app.name, service))
 
 
@@ -286,12 +297,20 @@ def _iso(epoch: float) -> str | None:
 
 async def explain(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    gateway = state.gateway
     try:
         named = _key_from_query(state, request)
     except _BadQuery as exc:
         return web.json_response({"error": str(exc)}, status=400)
-    method = _method_for(named.application, named.service, request.query.get("method"))
+    status, body = await explain_view(state, named, request.query.get("method"))
+    return web.json_response(body, status=status)
+
+
+async def explain_view(
+    state: AdminState, named: _Key, method_given: str | None
+) -> tuple[int, dict[str, Any]]:
+    """Which policy applies to the key and its state now: (HTTP status, the answer)."""
+    gateway = state.gateway
+    method = _method_for(named.application, named.service, method_given)
     current = gateway.policies
     policy = current.match(named.application.name, named.service, method)
     body: dict[str, Any] = {
@@ -305,7 +324,7 @@ async def explain(request: web.Request) -> web.Response:
     }
     if policy is None:
         body.update(policy=None, applies="no policy matches: calls are forwarded unlimited")
-        return web.json_response(body)
+        return 200, body
     rate = policy.rate_for(named.identity)
     override = policy.overrides.get(named.identity)
     shadow = policy.mode == "shadow" or gateway.settings.mode == "shadow"
@@ -316,7 +335,7 @@ async def explain(request: web.Request) -> web.Response:
     }
     if rate is None:
         body.update(applies="exempt: calls are forwarded and never counted", state=None)
-        return web.json_response(body)
+        return 200, body
     body["rate"] = {
         "limit": rate.limit,
         "per": rate.per,
@@ -326,7 +345,7 @@ async def explain(request: web.Request) -> web.Response:
         key_state = await gateway.limiter.peek(named.key, rate)
     except StoreUnavailable as exc:
         body["error"] = f"store unavailable: {exc}"
-        return web.json_response(body, status=503)
+        return 503, body
     locked = key_state.locked_until > key_state.now
     allowed_now = not locked and key_state.calls_in_window < rate.limit
     body["state"] = {
@@ -345,7 +364,7 @@ async def explain(request: web.Request) -> web.Response:
         f"retry after {key_state.retry_after:.3f}s"
         + (" (early retries reset the timer)" if rate.reset_on_early_retry else "")
     )
-    return web.json_response(body)
+    return 200, body
 
 
 async def clear_key(request: web.Request) -> web.Response:
@@ -439,7 +458,15 @@ async def ledger(request: web.Request) -> web.Response:
 
 
 async def ops_page(request: web.Request) -> web.Response:
-    page = files("gateway.ops").joinpath("static/ops.html").read_bytes()
+    return _static_page("ops.html")
+
+
+async def participant_page(request: web.Request) -> web.Response:
+    return _static_page("participant.html")
+
+
+def _static_page(name: str) -> web.Response:
+    page = files("gateway.ops").joinpath("static", name).read_bytes()
     return web.Response(
         body=page,
         content_type="text/html",
@@ -484,6 +511,7 @@ def ops_view(state: AdminState, entries: list[LedgerEntry], window: float) -> di
         "window": window,
         "worker": state.worker,
         "mode": state.gateway.settings.mode,
+        "applications": list(state.gateway.settings.applications),
         "store": state.store_status() or {"store": state.gateway.limiter.name, "state": "ok"},
         "ledger": state.ledger.status(),
         "total": sum(e.count for e in violations),
@@ -519,4 +547,40 @@ async def ops_data(request: web.Request) -> web.Response:
         return web.json_response(state_view, headers={"Cache-Control": "no-store"})
     return web.json_response(
         ops_view(state, entries, window), headers={"Cache-Control": "no-store"}
+    )
+
+
+async def participant_data(request: web.Request) -> web.Response:
+    """One participant's episodes from the ledger (newest first) and, for each key those
+    episodes name, the explain answer now (its policy, whether it is locked and until when)."""
+    state = request.app[STATE]
+    identity = request.query.get("identity", "").strip()
+    if not identity:
+        return web.json_response({"error": "missing query parameter: identity"}, status=400)
+    await state.ledger.flush()
+    try:
+        entries = await state.ledger.sink.read(Query(identity, limit=PARTICIPANT_EPISODES))
+    except Exception as exc:  # the store behind the ledger is away
+        return web.json_response({"error": f"ledger unavailable: {exc}"}, status=503)
+    entries.reverse()
+    keys = list(dict.fromkeys((e.identity, e.application, e.service) for e in entries))
+    live: list[dict[str, Any]] = []
+    for who, application, service in keys[:PARTICIPANT_KEYS]:
+        try:
+            named = _key_from(state, who, application, service)
+        except _BadQuery as exc:  # e.g. the application left the configuration
+            live.append(
+                {"identity": who, "application": application, "service": service, "error": str(exc)}
+            )
+            continue
+        live.append((await explain_view(state, named, None))[1])
+    return web.json_response(
+        {
+            "identity": identity,
+            "now": time.time(),
+            "where": state.ledger.sink.where,
+            "episodes": [e.as_dict() for e in entries],
+            "live": live,
+        },
+        headers={"Cache-Control": "no-store"},
     )
