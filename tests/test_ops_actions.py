@@ -158,6 +158,15 @@ async def test_explain_then_clear_a_lockout_with_the_admin_token(
         (identity, "DRRS", DRRS_SERVICE)
     ]
     assert cleared[0]["first_request_id"].startswith("admin:127.0.0.1")
+    assert cleared[0]["note"] == "ticket 4711: client fixed its retry loop"
+
+    # The participant's page shows the support action beside the rejections, with its reason.
+    await page.goto(f"{base}/participant?{urlencode({'identity': identity})}#token={TOKEN}")
+    await page.wait_for("document.querySelector('#episodes td.cleared')", what="the clear")
+    kinds = {row[2]: row for row in await page.rows("episodes")}
+    assert set(kinds) == {"rejected", "cleared"}
+    assert kinds["cleared"][11] == "ticket 4711: client fixed its retry loop"
+    assert kinds["rejected"][3] == "2"  # the early call and the one the wrong token left locked
 
 
 async def test_a_participants_page_lists_its_episodes_and_live_state(

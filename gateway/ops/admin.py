@@ -402,7 +402,12 @@ async def clear_key(request: web.Request) -> web.Response:
     state.metrics.support_action("clear_key")
     state.ledger.record(
         support_entry(
-            named.identity, named.application.name, named.service, f"admin:{peer}", time.time()
+            named.identity,
+            named.application.name,
+            named.service,
+            f"admin:{peer}",
+            time.time(),
+            reason,
         )
     )
     return web.json_response({"key": named.key, "cleared": cleared})

@@ -144,13 +144,14 @@ class LedgerEntry:
     final: bool  # written for the last time
     status: int  # the HTTP status of the faults (200 for shadow hits)
     time: float
+    note: str = ""  # support actions: the reason the operator gave (older entries lack it)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> LedgerEntry | None:
         """An entry from its JSON form; None for a line that is not one (e.g. torn by a crash)."""
         try:
             data = json.loads(text)
-            return cls(**{name: data[name] for name in cls.__slots__})
+            return cls(**{name: data[name] for name in cls.__slots__ if name in data})
         except (ValueError, TypeError, KeyError):
             return None
 
@@ -241,9 +242,10 @@ class _Open:
 
 
 def support_entry(
-    identity: str, application: str, service: str, request_id: str, at: float
+    identity: str, application: str, service: str, request_id: str, at: float, note: str = ""
 ) -> LedgerEntry:
-    """A support action (a cleared key) in the episode shape: final at once, count 1."""
+    """A support action (a cleared key) in the episode shape: final at once, count 1; `note`
+    is the reason the operator gave."""
     cn = _attribute(identity, "CN") if "=" in identity else identity
     return LedgerEntry(
         id=f"{request_id}:{int(at * 1000)}:{os.urandom(4).hex()}",
@@ -265,6 +267,7 @@ def support_entry(
         final=True,
         status=0,
         time=at,
+        note=note[:500],  # a reason, not a document
     )
 
 
