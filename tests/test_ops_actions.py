@@ -7,6 +7,8 @@ else's, and the live state of its keys. Participant-controlled text is shown as 
 
 from __future__ import annotations
 
+import datetime as dt
+import ssl
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,8 +16,13 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.config.settings import AdminSettings
+from gateway.demo.certs import participant_subject
 from gateway.ops.server import Running
 from tests.support.cdp import Page, chromium_page
 from tests.support.ops import admin, restart_with
@@ -34,6 +41,7 @@ policies:
     per: 60s
 """
 HOSTILE = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
+HOSTILE_CN = "<img src=x onerror=pwned=1><script>pwned=2</script>"  # a CN holds 64 at most
 
 
 @pytest.fixture
@@ -227,28 +235,94 @@ async def test_a_participants_page_lists_its_episodes_and_live_state(
     assert field(shown, "State now").startswith("LOCKED until ")
 
 
+def hostile_client(stack: Stack, folder: Path) -> ssl.SSLContext:
+    """A client certificate, signed by the gateway's CA, whose CN is markup."""
+    ca = x509.load_pem_x509_certificate(stack.certs.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(stack.certs.ca_key.read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(participant_subject(HOSTILE_CN))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (folder / "hostile.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "hostile-key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(cafile=str(stack.certs.ca))
+    context.load_cert_chain(str(folder / "hostile.pem"), str(folder / "hostile-key.pem"))
+    return context
+
+
+NOTHING_RAN = "window.pwned === undefined && document.querySelectorAll('img').length === 0"
+
+
 async def test_participant_text_is_shown_as_text(
-    gateway: tuple[Stack, Running], page: Page
+    gateway: tuple[Stack, Running], page: Page, tmp_path: Path
 ) -> None:
-    """Identities and service names are attacker-controlled: a service name or an identity
-    carrying markup is displayed, never run."""
-    _, running = gateway
+    """Identities and service names are attacker-controlled: a certificate whose CN is markup
+    and a service name with a <script> are displayed as text on both pages, never run."""
+    stack, running = gateway
+    context = hostile_client(stack, tmp_path)
+    statuses = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as client:
+        for _ in range(2):
+            async with client.post(
+                f"https://localhost:{running.port}/sst/oms/{OMS_RETRIEVE}",
+                data=ENVELOPE.format(op="RetrieveCurrentOutages"),
+                headers={"Content-Type": SOAP11},
+            ) as answer:
+                await answer.read()
+                statuses.append(answer.status)
+    assert statuses == [200, 500]
+    status, body, _ = await admin(running, "GET", "/ledger", TOKEN)
+    assert status == 200
+    (entry,) = body["entries"]
+    assert entry["cn"] == HOSTILE_CN
     base = f"http://127.0.0.1:{running.admin_port}"
+
     await page.goto(f"{base}/ops#token={TOKEN}")
-    await page.type("#explain-form [name=identity]", "CN=bleex4242,O=CAISO,C=US")
+    await page.wait_for("document.querySelector('#violations a')", what="the violation")
+    assert (await page.rows("violations"))[0][0] == HOSTILE_CN
+    assert (await page.rows("offenders"))[0][0] == HOSTILE_CN
+    assert (await page.rows("recent"))[0][2] == HOSTILE_CN
+    assert await page.evaluate(NOTHING_RAN)
+
+    await page.type("#explain-form [name=identity]", entry["identity"])
     await page.type("#explain-form [name=application]", "DRRS")
     await page.type("#explain-form [name=service]", HOSTILE)  # DRRS's policy matches "*"
     await page.click("#explain-form button")
     await page.wait_for("!document.getElementById('explain-result').hidden", what="the answer")
-    assert field(await page.rows("explain-result"), "Service") == HOSTILE
-    assert await page.evaluate("document.querySelectorAll('img, main script').length") == 0
-    assert await page.evaluate("window.pwned === undefined")
+    shown = await page.rows("explain-result")
+    assert (field(shown, "Identity"), field(shown, "Service")) == (entry["identity"], HOSTILE)
+    assert await page.evaluate(NOTHING_RAN)
+
+    await page.click("#violations tbody a")
+    await page.wait_for(
+        "location.pathname === '/ops/participant' && "
+        "document.querySelectorAll('#episodes tbody td.num').length > 0",
+        what="the participant's episodes",
+    )
+    assert await page.text("#who") == entry["identity"]
+    assert [row[6] for row in await page.rows("episodes")] == [OMS_RETRIEVE]
+    assert await page.evaluate(NOTHING_RAN)
 
     await page.goto(f"{base}/ops/participant?{urlencode({'identity': HOSTILE})}#token={TOKEN}")
     await page.wait_for("document.getElementById('updated').textContent.startsWith('updated')")
     assert await page.text("#who") == HOSTILE
-    assert await page.evaluate("document.querySelectorAll('img').length") == 0
-    assert await page.evaluate("window.pwned === undefined")
+    assert await page.evaluate(NOTHING_RAN)
 
 
 async def test_participant_data_wants_the_token_and_an_identity(
