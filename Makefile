@@ -8,13 +8,30 @@ STAMP  := $(VENV)/.installed
 format-check: $(STAMP)
 	$(VENV)/bin/ruff format --check gateway tests bench
 
-.PHONY: run demo test lint format-check bench certs check clean system-test-deps system-bench-deps
+.PHONY: run demo test lint format-check bench certs check clean lock system-test-deps system-bench-deps
 
-$(STAMP): pyproject.toml
+# Installs exactly what requirements.lock pins, every file checked against its hash; the gateway
+# itself is then installed editable without dependencies (pyproject.toml keeps the ranges for
+# library users; the lock is what the tests and the image run). See docs/development.md.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --require-hashes -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# Re-resolves both locks from pyproject.toml's ranges against PyPI alone: the developer's pip
+# configuration (find-links, extra indexes, mirrors) is set aside so the lock names no local
+# paths and hashes only PyPI's files. The runtime lock (the Docker image) is constrained by the
+# full one, so both pin the same versions. Pins already in the locks are kept where pyproject still
+# allows them; `make lock LOCK_ARGS=--upgrade` moves every pin to the newest allowed release.
+LOCK_ARGS ?=
+LOCK_ENV := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL PIP_CONFIG_FILE=/dev/null CUSTOM_COMPILE_COMMAND="make lock"
+PIP_COMPILE := $(LOCK_ENV) $(VENV)-lock/bin/pip-compile -q --generate-hashes --strip-extras --allow-unsafe
+lock:
+	test -x $(VENV)-lock/bin/pip-compile || { $(PYTHON) -m venv $(VENV)-lock && \
+		$(LOCK_ENV) $(VENV)-lock/bin/pip install -q pip-tools; }
+	$(PIP_COMPILE) $(LOCK_ARGS) --extra test -o requirements.lock pyproject.toml
+	$(PIP_COMPILE) $(LOCK_ARGS) --constraint requirements.lock -o requirements-runtime.lock pyproject.toml
 
 run demo: $(STAMP)
 	$(PY) -m gateway demo --config gateway.yaml
@@ -49,4 +66,4 @@ system-bench-deps:
 	@bash .ci/system-deps redis-server:redis-server nginx:nginx ab:apache2-utils
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(VENV)-lock .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
