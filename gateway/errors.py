@@ -45,7 +45,6 @@ class ErrorCode(StrEnum):
     UNSAFE_XML = "AUP-UNSAFE-XML"  # 400: DTDs, entities
     BAD_REQUEST = "AUP-BAD-REQUEST"  # 400: not valid HTTP/1.1
     NO_CERTIFICATE = "AUP-NO-CERTIFICATE"  # 403: the connection presented no certificate
-    CERTIFICATE_REFUSED = "AUP-CERTIFICATE-REFUSED"  # 403: revoked/untrusted on a resumed session
     NOT_PROVISIONED = "AUP-NOT-PROVISIONED"  # 403
     BODY_TOO_LARGE = "AUP-BODY-TOO-LARGE"  # 413
     URI_TOO_LONG = "AUP-URI-TOO-LONG"  # 414

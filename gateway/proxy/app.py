@@ -208,6 +208,19 @@ class Gateway:
             outcome.decision = "allowed"
             return faults.rate_limit_headers(policy.name, rate, decision)
         outcome.retry_after = decision.retry_after
+        if source == "deny":  # the store is down and the policy says deny: not a violation
+            outcome.decision = "refused"
+            return self._error(
+                target.application,
+                content_type,
+                outcome,
+                503,
+                ErrorCode.STORE_UNAVAILABLE,
+                "The rate-limit store is unavailable and this service is refused until it "
+                f"answers again; retry in {faults.retry_after_seconds(decision.retry_after)} "
+                "seconds.",
+                retry_after=decision.retry_after,
+            )
         if policy.mode == "shadow" or self.settings.mode == "shadow":
             outcome.decision = "shadow"
             # The headers say what enforcement would: r=0 and the wait, so a participant sees
@@ -248,6 +261,7 @@ class Gateway:
         status: int,
         code: ErrorCode,
         message: str,
+        retry_after: float | None = None,
     ) -> web.Response:
         if app is not None:
             shape = faults.shape_for(app, content_type)
@@ -265,6 +279,7 @@ class Gateway:
             application=outcome.application or (app.name if app is not None else None),
             service=outcome.service or None,
             request_id=outcome.request_id,
+            retry_after=retry_after,
             statuses=app.fault_statuses if app is not None else "binding",
         )
         return self._respond(fault, outcome)
