@@ -48,6 +48,7 @@ from gateway.ops.history import History
 from gateway.ops.ledger import LedgerEntry, LedgerWriter, Query, parse_since, support_entry
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ops.reload import PolicyReloader
+from gateway.proxy.status import key_view, method_for
 
 if TYPE_CHECKING:  # the admin side reads the gateway; only the server builds it
     from gateway.proxy.app import Gateway
@@ -271,15 +272,6 @@ def _key_from_query(state: AdminState, request: web.Request) -> _Key:
     return _Key(identity, app, service, limiter_key(identity, app.name, service))
 
 
-def _method_for(app: Application, service: str, given: str | None) -> str:
-    if given:
-        return given.upper()
-    if app.protocol == "soap":
-        return "POST"
-    route = next((r for r in app.routes if r.service == service), None)
-    return route.method if route else "GET"
-
-
 def _iso(epoch: float) -> str | None:
     return datetime.fromtimestamp(epoch, UTC).isoformat() if epoch else None
 
@@ -291,7 +283,7 @@ async def explain(request: web.Request) -> web.Response:
         named = _key_from_query(state, request)
     except _BadQuery as exc:
         return web.json_response({"error": str(exc)}, status=400)
-    method = _method_for(named.application, named.service, request.query.get("method"))
+    method = method_for(named.application, named.service, request.query.get("method"))
     current = gateway.policies
     policy = current.match(named.application.name, named.service, method)
     body: dict[str, Any] = {
@@ -327,15 +319,15 @@ async def explain(request: web.Request) -> web.Response:
     except StoreUnavailable as exc:
         body["error"] = f"store unavailable: {exc}"
         return web.json_response(body, status=503)
-    locked = key_state.locked_until > key_state.now
-    allowed_now = not locked and key_state.calls_in_window < rate.limit
+    view = key_view(rate, key_state)  # the same reading the caller's own status gives
+    allowed_now = view.allowed_now
     body["state"] = {
-        "calls_in_window": key_state.calls_in_window,
-        "remaining": 0 if locked else max(rate.limit - key_state.calls_in_window, 0),
-        "locked_until": key_state.locked_until if locked else None,
-        "locked_until_iso": _iso(key_state.locked_until) if locked else None,
-        "retry_after": round(key_state.retry_after, 6),
-        "now": key_state.now,
+        "calls_in_window": view.calls_in_window,
+        "remaining": view.calls_left,
+        "locked_until": view.locked_until or None,
+        "locked_until_iso": _iso(view.locked_until) if view.locked_until else None,
+        "retry_after": round(view.retry_after, 6),
+        "now": view.now,
         "allowed_now": allowed_now,
     }
     body["applies"] = (

@@ -183,9 +183,9 @@ class StatusService:
                     shape,
                     status=429,
                     code=ErrorCode.VIOLATION,
-                    message=f"At most {self.guard.limit} status requests every "
-                    f"{faults.seconds_text(self.guard.per)} seconds per identity. Please retry "
-                    f"in {faults.retry_after_seconds(guard.retry_after)} seconds.",
+                    message=f"The status service answers at most {self.guard.limit} requests "
+                    f"per identity in {faults.seconds_text(self.guard.per)} seconds. Please "
+                    f"retry in {faults.retry_after_seconds(guard.retry_after)} seconds.",
                     application=RESERVED_APPLICATION,
                     service=SOAP_SERVICE if form == "soap" else GUARD_SERVICE,
                     request_id=request_id,
@@ -398,9 +398,10 @@ async def _live_services(
     for key in await limiter.keys(prefix, MAX_LISTED):
         app_name, bar, service = key[len(prefix) : -1].partition("|")
         app = by_name.get(app_name)
-        # Only keys that are exactly this identity's: a key of an identity whose name merely
-        # starts with this one (a "|" inside it) rebuilds differently and is skipped.
-        if app is None or not bar or limiter_key(key_identity, app_name, service) != key:
+        # Only keys that are exactly this identity's. An identity whose name is this one, "|"
+        # and more has keys with this prefix too; service names never hold "|", so its keys
+        # are the ones whose service part does.
+        if app is None or not bar or "|" in service:
             continue
         wanted.append((app, service))
     return list(
