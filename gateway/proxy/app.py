@@ -32,7 +32,7 @@ from gateway.outcome import Observer, Outcome
 from gateway.proxy import faults
 from gateway.proxy.forward import BodyTooLarge, Upstreams
 from gateway.proxy.routing import NoRoute, Router, Target, route_by_body
-from gateway.proxy.status import StatusService, status_form
+from gateway.proxy.status import SERVICE_NAMES, StatusService, status_form
 
 access_log = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
@@ -102,7 +102,7 @@ class Gateway:
         path, _, query = request.raw_path.partition("?")  # the query as sent, never decoded
         form = status_form(path)
         if form is not None:
-            outcome.application, outcome.service = RESERVED_APPLICATION, path.rpartition("/")[2]
+            outcome.application, outcome.service = RESERVED_APPLICATION, SERVICE_NAMES[form]
             outcome.decision = "status"
             answer = await self.status.answer(
                 request,

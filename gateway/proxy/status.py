@@ -57,6 +57,10 @@ _QUERY_NAMES = frozenset({"application", "service"})
 _LENGTHS = frozenset({len(STATUS_PATH), len(SOAP_PATH)})
 
 
+# The service name a status request is logged and counted under (metrics, access log).
+SERVICE_NAMES: dict[StatusForm, str] = {"json": GUARD_SERVICE, "soap": SOAP_SERVICE}
+
+
 def status_form(path: str) -> StatusForm | None:
     """Which status form a request path asks for (case-insensitive, as application names are)."""
     if len(path) not in _LENGTHS:  # every request passes here: the cheap test first
