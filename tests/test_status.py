@@ -23,6 +23,7 @@ from gateway.errors import ErrorCode
 from gateway.limiter.base import Rate, identity_key_prefix, limiter_key
 from gateway.limiter.factory import limiter_from_url
 from gateway.proxy.status import STATUS_NS
+from tests.support.ops import admin, samples, value
 from tests.support.stack import DRRS, SOAP11, SOAP12, Stack, StackFactory
 
 ROOT = Path(__file__).parent.parent
@@ -189,6 +190,16 @@ async def test_status_requests_do_not_count_toward_any_limit(
         assert call.status == 200 and remaining(call) == expected
     _, body, _ = await status(stack, jdoe, "?application=OMS")
     assert service_state(body, OMS_RETRIEVE)["calls_in_window"] == 3
+    # counted apart from calls: under application "aup", decision "status"
+    parsed = samples((await admin(stack, "GET", "/metrics"))[1])
+    requests_total = "aup_requests_total"
+    assert (
+        value(parsed, requests_total, application="aup", service="status", decision="status") == 21
+    )
+    assert (
+        value(parsed, requests_total, application="OMS", service=OMS_RETRIEVE, decision="allowed")
+        == 3
+    )
 
 
 async def test_another_identitys_state_is_never_shown(stack_factory: StackFactory) -> None:
