@@ -10,8 +10,9 @@ from typing import Literal
 from gateway.edge.identity import ClientIdentity
 
 # forwarded: no policy applied; allowed / rejected / shadow: a policy decided (shadow: it would
-# have been rejected); exempt: an override exempts the identity; refused: no route or no access.
-CallDecision = Literal["forwarded", "allowed", "rejected", "shadow", "exempt", "refused"]
+# have been rejected); exempt: an override exempts the identity; refused: no route or no access;
+# status: the caller asked for its own AUP status (proxy/status.py), never counted as a call.
+CallDecision = Literal["forwarded", "allowed", "rejected", "shadow", "exempt", "refused", "status"]
 
 
 @dataclass(slots=True)

@@ -29,6 +29,9 @@ FaultStatuses = Literal["binding", "http"]
 
 STORE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel")
 _APP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+# The gateway's own services live under this name (/aup/v1/status, /sst/aup/...: proxy/status.py),
+# so no configured application may take it: a request for it could mean either.
+RESERVED_APPLICATION = "aup"
 # A Server header value: a product token, optionally "/version" (RFC 9110 section 10.2.4).
 _SERVER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}(/[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64})?$")
 _ROUTE = re.compile(r"^(GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) (/\S*)$")
@@ -258,6 +261,12 @@ def _read_settings(top: Fields, source: Path) -> Settings | None:
             node = apps.raw(name)
             if not _APP_NAME.match(name):
                 apps.error(name, "application names are letters, digits, '-' and '_'")
+            if name.lower() == RESERVED_APPLICATION:
+                apps.error(
+                    name,
+                    f"{name!r} is reserved for the gateway's own status service "
+                    "(/aup/v1/status, /sst/aup/RetrieveAUPStatus_AUPv1_AP); choose another name",
+                )
             if any(name.lower() == other.lower() for other in applications):
                 apps.error(name, "duplicate application (names are case-insensitive)")
             assert node is not None

@@ -55,6 +55,8 @@ def curl_session(settings: Settings, certs_dir: Path) -> str:
             "# 4. DRRS: the first call passes; every retry within 30 s resets the 30 s timer:",
             drrs,
             drrs,
+            "# 4b. When may jdoex1234 call DRRS again? Asking is free (never a call, no reset):",
+            f"$CURL --cert {clients}/jdoex1234-bundle.pem '{base}/aup/v1/status?application=DRRS'",
             "# 5. A REST call (CRR); its violation is JSON in the API's own errorList shape:",
             f"$CURL --cert {clients}/jdoex1234-bundle.pem {base}/crr/auction/v1.0/portfolio",
             "# 6. No client certificate: the TLS handshake is refused, nothing is forwarded:",

@@ -11,7 +11,7 @@ The reference model (PRODUCT.md) for one key, with limit N, window W and the res
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +63,16 @@ class Limiter(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class KeyLister(Protocol):
+    """A backend that can list the live keys of one identity (for the caller's status page).
+
+    `prefix` comes from `identity_key_prefix`; at most `limit` keys are returned, in no order.
+    """
+
+    async def keys(self, prefix: str, limit: int) -> list[str]: ...
+
+
 def limiter_key(identity: str, application: str, service: str) -> str:
     """The one place a limiter key is built.
 
@@ -70,5 +80,10 @@ def limiter_key(identity: str, application: str, service: str) -> str:
     slot, so every key one decision touches lives on one master. Braces inside the identity are
     replaced so they cannot cut the tag short.
     """
+    return f"{identity_key_prefix(identity)}{application}|{service}}}"
+
+
+def identity_key_prefix(identity: str) -> str:
+    """The start every key of `identity` shares ("aup:{<identity>|"), for listing its keys."""
     safe = identity.replace("{", "(").replace("}", ")")
-    return f"aup:{{{safe}|{application}|{service}}}"
+    return f"aup:{{{safe}|"

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, runtime_checkable
 
 from gateway.errors import StoreUnavailable
-from gateway.limiter.base import Decision, KeyState, Limiter, Rate
+from gateway.limiter.base import Decision, KeyLister, KeyState, Limiter, Rate
 from gateway.limiter.lockcache import LockCache
 from gateway.limiter.memory import MemoryLimiter
 
@@ -307,6 +307,16 @@ class ResilientLimiter:
         """The store's view of the key, or the local fallback's while the store is away."""
         state = await self._via_store(lambda: self.primary.peek(key, rate, now))
         return state if state is not None else await self.fallback.peek(key, rate, now)
+
+    async def keys(self, prefix: str, limit: int) -> list[str]:
+        """The store's live keys under `prefix`, or the local fallback's while the store is away
+        (as `peek`); none from a primary that cannot list keys."""
+        primary = self.primary
+        if isinstance(primary, KeyLister):
+            found = await self._via_store(lambda: primary.keys(prefix, limit))
+            if found is not None:
+                return found
+        return await self.fallback.keys(prefix, limit)
 
     async def clear(self, key: str) -> bool:
         """Clear the key everywhere; raises StoreUnavailable if the store could not be cleared."""

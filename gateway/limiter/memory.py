@@ -104,6 +104,17 @@ class MemoryLimiter:
     async def clear(self, key: str) -> bool:
         return self._entries.pop(key, None) is not None
 
+    async def keys(self, prefix: str, limit: int) -> list[str]:
+        """Live keys starting with `prefix` (a scan of every entry: for the status endpoint,
+        which is guarded per identity, never for decisions)."""
+        found: list[str] = []
+        for key in self._entries:
+            if key.startswith(prefix):
+                found.append(key)
+                if len(found) >= limit:
+                    break
+        return found
+
     async def close(self) -> None:
         self._entries.clear()
 

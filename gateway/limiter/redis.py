@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,8 @@ from gateway.errors import StoreUnavailable
 from gateway.limiter.base import Decision, KeyState, Rate
 
 _US = 1_000_000
+_GLOB_SPECIAL = re.compile(r"[*?\[\]\\]")  # escaped in a SCAN MATCH pattern
+_SCAN_PAGE = 1000
 _Arg = int | str
 _T = TypeVar("_T")
 
@@ -351,6 +354,26 @@ class RedisLimiter:
             return int(await self._client.delete(self._prefix + key))
 
         return await self._call(delete) > 0
+
+    async def keys(self, prefix: str, limit: int) -> list[str]:
+        """Keys starting with `prefix`, by SCAN MATCH (every master's with a cluster client).
+
+        SCAN walks the whole keyspace, a page at a time, without blocking the server; this is
+        for the status endpoint, guarded per identity, never for decisions.
+        """
+        pattern = _GLOB_SPECIAL.sub(r"\\\g<0>", self._prefix + prefix) + "*"
+        strip = len(self._prefix)
+
+        async def scan() -> list[str]:
+            found: list[str] = []
+            async for raw in self._client.scan_iter(match=pattern, count=_SCAN_PAGE):
+                key = raw.decode() if isinstance(raw, bytes) else str(raw)
+                found.append(key[strip:])
+                if len(found) >= limit:
+                    break
+            return found
+
+        return await self._call(scan)
 
     async def close(self) -> None:
         if self._pipeline is not None:

@@ -52,6 +52,7 @@ from gateway.ops.history import History
 from gateway.ops.ledger import LedgerEntry, LedgerWriter, Query, parse_since, support_entry
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ops.reload import PolicyReloader
+from gateway.proxy.status import key_view, method_for
 
 if TYPE_CHECKING:  # the admin side reads the gateway; only the server builds it
     from gateway.proxy.app import Gateway
@@ -282,15 +283,6 @@ def _key_from(state: AdminState, identity: str, application: str, service: str) 
     return _Key(identity, app, service, limiter_key(identity, app.name, service))
 
 
-def _method_for(app: Application, service: str, given: str | None) -> str:
-    if given:
-        return given.upper()
-    if app.protocol == "soap":
-        return "POST"
-    route = next((r for r in app.routes if r.service == service), None)
-    return route.method if route else "GET"
-
-
 def _iso(epoch: float) -> str | None:
     return datetime.fromtimestamp(epoch, UTC).isoformat() if epoch else None
 
@@ -310,7 +302,7 @@ async def explain_view(
 ) -> tuple[int, dict[str, Any]]:
     """Which policy applies to the key and its state now: (HTTP status, the answer)."""
     gateway = state.gateway
-    method = _method_for(named.application, named.service, method_given)
+    method = method_for(named.application, named.service, method_given)
     current = gateway.policies
     policy = current.match(named.application.name, named.service, method)
     body: dict[str, Any] = {
@@ -346,15 +338,15 @@ async def explain_view(
     except StoreUnavailable as exc:
         body["error"] = f"store unavailable: {exc}"
         return 503, body
-    locked = key_state.locked_until > key_state.now
-    allowed_now = not locked and key_state.calls_in_window < rate.limit
+    view = key_view(rate, key_state)  # the same reading the caller's own status gives
+    allowed_now = view.allowed_now
     body["state"] = {
-        "calls_in_window": key_state.calls_in_window,
-        "remaining": 0 if locked else max(rate.limit - key_state.calls_in_window, 0),
-        "locked_until": key_state.locked_until if locked else None,
-        "locked_until_iso": _iso(key_state.locked_until) if locked else None,
-        "retry_after": round(key_state.retry_after, 6),
-        "now": key_state.now,
+        "calls_in_window": view.calls_in_window,
+        "remaining": view.calls_left,
+        "locked_until": view.locked_until or None,
+        "locked_until_iso": _iso(view.locked_until) if view.locked_until else None,
+        "retry_after": round(view.retry_after, 6),
+        "now": view.now,
         "allowed_now": allowed_now,
     }
     body["applies"] = (

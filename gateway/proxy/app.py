@@ -2,6 +2,8 @@
 
     identity -> route -> policy -> limiter decision -> forward upstream | fault
 
+(or, for the caller's own status, identity -> proxy/status.py, which only reads the limiter).
+
 `Gateway` owns the runtime state (settings, router, the current PolicySet, the limiter and the
 upstream pools). It is served by aiohttp's low-level `web.Server` (connection.GuardedServer)
 rather than a `web.Application`: the gateway has exactly one handler and no use for a router,
@@ -20,7 +22,7 @@ from collections.abc import Iterator
 from aiohttp import hdrs, web
 
 from gateway.config.policy import Policy, PolicySet, load_policies
-from gateway.config.settings import Application, Settings
+from gateway.config.settings import RESERVED_APPLICATION, Application, Settings
 from gateway.edge.connection import CONTINUED, expects_continue, send_continue
 from gateway.edge.identity import ClientIdentity, IdentityCache
 from gateway.errors import ErrorCode, UpstreamError
@@ -30,6 +32,7 @@ from gateway.outcome import Observer, Outcome
 from gateway.proxy import faults
 from gateway.proxy.forward import BodyTooLarge, Upstreams
 from gateway.proxy.routing import NoRoute, Router, Target, route_by_body
+from gateway.proxy.status import SERVICE_NAMES, StatusService, status_form
 
 access_log = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
@@ -57,6 +60,7 @@ class Gateway:
         self.identities = IdentityCache()
         self._request_ids = request_ids()
         self._violations = faults.ViolationFaults()
+        self.status = StatusService()  # /aup/v1/status and its SOAP form: never a call
         # Called with every finished call's Outcome: access log, metrics, ledger. They must
         # not block; anything slow is queued by the observer itself.
         self.observers: list[Observer] = [log_access] if settings.access_log else []
@@ -96,6 +100,20 @@ class Gateway:
             )
 
         path, _, query = request.raw_path.partition("?")  # the query as sent, never decoded
+        form = status_form(path)
+        if form is not None:
+            outcome.application, outcome.service = RESERVED_APPLICATION, SERVICE_NAMES[form]
+            outcome.decision = "status"
+            answer = await self.status.answer(
+                request,
+                form,
+                identity,
+                self.settings,
+                self.policies,
+                self.limiter,
+                outcome.request_id,
+            )
+            return self._respond(answer, outcome)
         target = self.router.route(
             request.method, path, query, request.headers.get("SOAPAction"), content_type
         )

@@ -9,16 +9,20 @@ forbids them: SOAP 1.1 section 3, SOAP 1.2 part 1 section 5), which also rules o
 declarations, so entity expansion (billion laughs) and external entities (XXE) are refused
 before anything is expanded or fetched. Nothing builds a tree: the callbacks keep a depth counter,
 so memory is bounded by what the caller feeds (see routing.SNIFF_LIMIT).
+
+`read_operation` reads a whole small SOAP request the gateway answers itself (the status
+service, proxy/status.py) with the same parser settings.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from xml.etree.ElementTree import ParseError
 
 from defusedxml import DefusedXmlException
-from defusedxml.ElementTree import DefusedXMLParser
+from defusedxml.ElementTree import DefusedXMLParser, fromstring
 
 SOAP11_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 SOAP12_ENV = "http://www.w3.org/2003/05/soap-envelope"
@@ -147,3 +151,37 @@ class BodySniffer:
         except ParseError as exc:
             raise MalformedXml(str(exc)) from None
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """A SOAP request's envelope namespace, its Body's first element and that element's simple
+    children (local name -> text; the first of each name)."""
+
+    envelope: str
+    name: str
+    fields: dict[str, str]
+
+
+def read_operation(data: bytes) -> Operation:
+    """Parse a complete, small SOAP request (the caller bounds `data`); raises UnsafeXml or
+    MalformedXml. An empty Body is an operation named ""."""
+    try:
+        root = fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except DefusedXmlException as exc:
+        raise UnsafeXml(type(exc).__name__) from None
+    except ParseError as exc:
+        raise MalformedXml(str(exc)) from None
+    body_tag = _ENVELOPES.get(root.tag)
+    if body_tag is None:
+        raise MalformedXml(f"the document is not a SOAP envelope (root {root.tag!r})")
+    body = root.find(body_tag)
+    if body is None:
+        raise MalformedXml("the SOAP envelope has no Body")
+    operation = next(iter(body), None)
+    if operation is None:
+        return Operation(root.tag[1:].partition("}")[0], "", {})
+    fields: dict[str, str] = {}
+    for child in operation:
+        fields.setdefault(child.tag.rpartition("}")[2], (child.text or "").strip())
+    return Operation(root.tag[1:].partition("}")[0], operation.tag.rpartition("}")[2], fields)
