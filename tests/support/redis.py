@@ -125,7 +125,8 @@ class RedisServer:
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
-        os.kill(process.pid, signal.SIGCONT)  # a paused server cannot otherwise be reaped
+        # SIGKILL first: it ends a stopped (paused) process too, whereas a SIGCONT first would
+        # let a paused server answer the commands queued while it was frozen before it dies.
         process.kill()
         process.wait(timeout=10)
 
