@@ -4,6 +4,7 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 RUN pip install --no-cache-dir . && useradd --system --uid 10001 aup
 COPY policies ./policies
+COPY specs ./specs
 COPY deploy ./deploy
 USER aup
 EXPOSE 8443 9901

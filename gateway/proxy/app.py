@@ -96,8 +96,14 @@ class Gateway:
             )
 
         path, _, query = request.raw_path.partition("?")  # the query as sent, never decoded
+        policies = self.policies  # read once: a reload swaps the whole set (OpenAPI routes too)
         target = self.router.route(
-            request.method, path, query, request.headers.get("SOAPAction"), content_type
+            request.method,
+            path,
+            query,
+            request.headers.get("SOAPAction"),
+            content_type,
+            policies.specs,
         )
         if isinstance(target, NoRoute):
             outcome.decision = "refused"
@@ -111,7 +117,6 @@ class Gateway:
             )
         app = target.application
         outcome.application, outcome.service = app.name, target.service
-        policies = self.policies  # read once: a reload swaps the whole set
         if not policies.allows(identity, app.name):
             outcome.decision = "refused"
             return self._error(
