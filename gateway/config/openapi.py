@@ -41,7 +41,7 @@ _OPERATION_KEYS = ("get", "put", "post", "delete", "options", "head", "patch", "
 _VERSIONS = re.compile(r"^3\.[01]\.\d+$")
 _SERVICE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")  # the router's service names (limiter keys)
 _PARAM = re.compile(r"\{[^/{}]+\}")
-_SAFE_TEMPLATE = re.compile(r"^(/([A-Za-z0-9._~!$&'()*+,;=:@-]|\{[^/{}]+\})+)+$|^/$")
+_SAFE_TEMPLATE = re.compile(r"^(/([A-Za-z0-9._~!$&'()*+,;=:@-]|\{[^/{}]+\})+)*/?$")
 # Where openapi-spec-validator's semantic checks (which carry no JSON path) name the operation.
 _MESSAGE_PATH = re.compile(r"'(get|put|post|delete|options|head|patch|trace)'.* in '(/[^']*)'")
 _ROOT_KEYS = frozenset(
@@ -315,7 +315,9 @@ def _operations(data: dict[str, Any], file: str, spot: _Locator) -> list[Operati
                 "path item references are not followed: write the operations under the path itself",
             )
             continue
-        if not _SAFE_TEMPLATE.match(template):
+        if not _SAFE_TEMPLATE.match(template) or any(
+            segment in (".", "..") for segment in template.split("/")
+        ):
             spot.add(
                 where,
                 _key(where),
