@@ -26,7 +26,7 @@ from gateway.demo.demo import curl_session
 from gateway.demo.mock import create_rest_app
 from gateway.errors import ConfigError, ErrorCode
 from gateway.proxy.routing import NoRoute, Router, Target
-from tests.support.ops import wait_for
+from tests.support.ops import admin, wait_for
 from tests.support.stack import StackFactory
 
 ROOT = Path(__file__).parent.parent
@@ -384,6 +384,17 @@ async def test_a_running_gateway_routes_and_limits_by_operation(
         async with client.get(path) as unknown:
             assert unknown.status == 404, path
             assert ErrorCode.UNKNOWN_SERVICE in await unknown.text()
+    # explain knows each operation's method from the spec, and which policy its tags select
+    jdoe = "CN=jdoex1234,OU=people,O=CAISO,C=US"
+    for service, method, policy in [
+        ("portfolioSubmission", "POST", None),
+        ("getPortfolioById", "GET", "crr-read"),
+    ]:
+        status, body, _ = await admin(
+            stack, "GET", f"/explain?identity={jdoe}&application=CRR&service={service}"
+        )
+        assert status == 200 and body["method"] == method, body
+        assert (body["policy"] or {}).get("name") == policy, body
 
 
 async def test_a_changed_spec_reloads_and_a_broken_one_keeps_the_running_set(

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from jsonschema.exceptions import ValidationError
@@ -130,8 +130,8 @@ def load_spec(path: Path, application: str, problems: Problems) -> ApiSpec | Non
         got = "swagger 2.0" if "swagger" in data else repr(version)
         spot.add(where, "openapi", f"the gateway reads OpenAPI 3.0 and 3.1 documents, got {got}")
         return None
-    if _external_refs(data, (), spot):
-        return None  # the validator would try to fetch them
+    if _bad_refs(data, data, (), spot):
+        return None  # the validator would try to fetch them, or stop at the first dangling one
     before = len(problems.items)
     _validate(data, spot)
     operations = _operations(data, file, spot)
@@ -238,32 +238,51 @@ def _data(node: yaml.Node, seen: dict[int, Any]) -> Any:
     return value
 
 
-def _external_refs(data: Any, path: tuple[str | int, ...], spot: _Locator) -> bool:
+def _bad_refs(document: Any, data: Any, path: tuple[str | int, ...], spot: _Locator) -> bool:
+    """External `$ref`s (never fetched) and local ones that point to nothing, each reported."""
     found = False
     if isinstance(data, dict):
         ref = data.get("$ref")
+        at = (*path, "$ref")
         if isinstance(ref, str) and not ref.startswith("#"):
             spot.add(
-                (*path, "$ref"),
-                _key((*path, "$ref")),
+                at,
+                _key(at),
                 f"only local references (#/...) are read, got {ref!r}: "
                 "put the referenced definitions in this file",
             )
             found = True
+        elif isinstance(ref, str) and not _resolves(document, ref):
+            spot.add(at, _key(at), f"{ref!r} points to nothing in this file")
+            found = True
         for key, value in data.items():
-            found = _external_refs(value, (*path, key), spot) or found
+            found = _bad_refs(document, value, (*path, key), spot) or found
     elif isinstance(data, list):
         for index, value in enumerate(data):
-            found = _external_refs(value, (*path, index), spot) or found
+            found = _bad_refs(document, value, (*path, index), spot) or found
     return found
+
+
+def _resolves(document: Any, ref: str) -> bool:
+    """Whether a local JSON pointer (`#/components/schemas/X`, RFC 6901 escapes) resolves."""
+    node = document
+    for raw in ref.removeprefix("#").split("/")[1:]:
+        part = unquote(raw).replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
 
 
 def _validate(data: dict[str, Any], spot: _Locator) -> None:
     """openapi-spec-validator's findings, each at the line of the key it concerns."""
+    reported: set[str] = set()
     try:
         validator = get_validator_cls(data)(data)
         errors: Iterator[ValidationError] = validator.iter_errors()
-        reported: set[str] = set()
         for error in errors:
             if isinstance(error, DuplicateOperationIDError):
                 continue  # reported by _operations, with the line of each duplicate
@@ -281,7 +300,8 @@ def _validate(data: dict[str, Any], spot: _Locator) -> None:
     except ValidatorDetectError:
         spot.add(("openapi",), "openapi", "not an OpenAPI version the validator knows")
     except Exception as exc:  # the validator's own failure must not hide the file's name
-        spot.add((), "", f"the OpenAPI validator failed: {type(exc).__name__}: {exc}")
+        if not reported:  # after real findings, a crash on the same broken shape adds nothing
+            spot.add((), "", f"the OpenAPI validator failed: {type(exc).__name__}: {exc}")
 
 
 def _deepest(error: ValidationError) -> ValidationError:
@@ -409,7 +429,8 @@ def _base_path(servers: Any, at: JsonPath, spot: _Locator) -> str | None:
         if not isinstance(server, dict) or not isinstance(server.get("url"), str):
             continue
         url = str(server["url"])
-        for name, variable in (server.get("variables") or {}).items():
+        variables = server.get("variables")
+        for name, variable in (variables if isinstance(variables, dict) else {}).items():
             if isinstance(variable, dict):
                 url = url.replace("{" + name + "}", str(variable.get("default", "")))
         bases.add(urlsplit(url).path.rstrip("/"))

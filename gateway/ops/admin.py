@@ -175,6 +175,7 @@ def policy_view(policy: Policy) -> dict[str, Any]:
         "application": policy.application,
         "services": list(policy.services),
         "methods": list(policy.methods) if policy.methods else None,
+        "tags": list(policy.tags) if policy.tags else None,
         "limit": rate.limit,
         "per": rate.per,
         "reset_on_early_retry": rate.reset_on_early_retry,
@@ -271,11 +272,15 @@ def _key_from_query(state: AdminState, request: web.Request) -> _Key:
     return _Key(identity, app, service, limiter_key(identity, app.name, service))
 
 
-def _method_for(app: Application, service: str, given: str | None) -> str:
+def _method_for(app: Application, service: str, given: str | None, current: PolicySet) -> str:
     if given:
         return given.upper()
     if app.protocol == "soap":
         return "POST"
+    spec = current.specs.get(app.name)
+    operation = spec.by_service.get(service) if spec is not None else None
+    if operation is not None:  # an OpenAPI operationId names exactly one method
+        return operation.method
     route = next((r for r in app.routes if r.service == service), None)
     return route.method if route else "GET"
 
@@ -291,8 +296,8 @@ async def explain(request: web.Request) -> web.Response:
         named = _key_from_query(state, request)
     except _BadQuery as exc:
         return web.json_response({"error": str(exc)}, status=400)
-    method = _method_for(named.application, named.service, request.query.get("method"))
     current = gateway.policies
+    method = _method_for(named.application, named.service, request.query.get("method"), current)
     policy = current.match(named.application.name, named.service, method)
     body: dict[str, Any] = {
         "identity": named.identity,
