@@ -4,8 +4,10 @@ against the mock that serves it, and routes and reloads on a running gateway ove
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import ssl
 import textwrap
 import uuid
 from pathlib import Path
@@ -22,12 +24,14 @@ from gateway.config.openapi import ApiSpec, load_spec
 from gateway.config.policy import PolicySet, load_policies
 from gateway.config.settings import load_settings
 from gateway.config.yamlread import Problems
+from gateway.demo.certs import DemoCerts
 from gateway.demo.demo import curl_session
 from gateway.demo.mock import create_rest_app
 from gateway.errors import ConfigError, ErrorCode
+from gateway.ops.server import start
 from gateway.proxy.routing import NoRoute, Router, Target
 from tests.support.ops import admin, wait_for
-from tests.support.stack import StackFactory
+from tests.support.stack import StackFactory, Upstream
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures" / "openapi"
@@ -313,6 +317,45 @@ def test_the_demo_configuration_checks_clean_with_the_spec(
 
 
 # -- on a running gateway ------------------------------------------------------------------------
+
+
+async def test_the_demo_configuration_routes_crr_by_its_spec(
+    certs: DemoCerts, upstream: Upstream
+) -> None:
+    """What step 5 of the demo's curl session does, on the shipped gateway.yaml, policies and
+    spec (ports and certificates replaced by the test's own)."""
+    settings = load_settings(ROOT / "gateway.yaml")
+    ports = {"rest": upstream.rest_port, "soap": upstream.soap_port}
+    apps = {
+        name: dataclasses.replace(app, upstream=f"http://127.0.0.1:{ports[app.protocol]}")
+        for name, app in settings.applications.items()
+    }
+    settings = dataclasses.replace(
+        settings,
+        listen=dataclasses.replace(settings.listen, port=0),
+        admin=None,
+        access_log=False,
+        tls=dataclasses.replace(
+            settings.tls, cert=certs.server, key=certs.server_key, client_ca=certs.ca, crl=certs.crl
+        ),
+        applications=apps,
+    )
+    running = await start(settings)
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    context.load_cert_chain(*map(str, certs.clients["jdoex1234"]))
+    url = f"https://localhost:{running.port}/crr/auction/v1.0/portfolio/PF-2024-000117"
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as client:
+            async with client.get(url) as first:
+                assert first.status == 200
+                assert (await first.json())["portfolioId"] == "PF-2024-000117"
+            async with client.get(url) as second:
+                assert second.status == 429  # crr-portfolio-read: tags [read]
+                error = (await second.json())["errorList"][0]
+                assert "getPortfolioById" in error["errorDescription"]
+    finally:
+        await running.stop()
+
 
 SPEC_V1 = """\
 openapi: 3.1.0
