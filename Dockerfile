@@ -9,6 +9,7 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 RUN pip install --no-cache-dir --no-deps . && useradd --system --uid 10001 aup
 COPY policies ./policies
+COPY specs ./specs
 COPY deploy ./deploy
 USER aup
 EXPOSE 8443 9901

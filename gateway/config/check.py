@@ -24,7 +24,8 @@ def check(config: Path, out: TextIO | None = None, err: TextIO | None = None) ->
         return 1
     print(
         f"ok: {config}: {len(settings.applications)} applications, "
-        f"{len(policies.policies)} policies from {len(policies.files)} files "
+        f"{len(policies.policies)} policies from {len(policies.files) - len(policies.specs)} "
+        f"files, {len(policies.specs)} OpenAPI spec(s) "
         f"(version {policies.version})",
         file=out,
     )
@@ -36,11 +37,27 @@ def check(config: Path, out: TextIO | None = None, err: TextIO | None = None) ->
             f"fault statuses {app.fault_statuses}{status}",
             file=out,
         )
+        spec = policies.specs.get(app.name)
+        if spec is not None:
+            tags = ", ".join(sorted(spec.tags)) or "none"
+            print(
+                f"    OpenAPI {spec.openapi} {spec.path}: {len(spec.operations)} operations "
+                f"(tags: {tags})",
+                file=out,
+            )
+            for op in spec.operations:
+                named = f" -> x-aup-policy {op.policy}" if op.policy else ""
+                print(
+                    f"      {op.method} {app.prefix}{op.path}: {op.service} "
+                    f"[{', '.join(op.tags)}]{named}",
+                    file=out,
+                )
     for policy in policies.policies:
         rate = policy.rate
         reset = ", resets on early retry" if rate.reset_on_early_retry else ""
+        tags = f" tags {','.join(policy.tags)}" if policy.tags else ""
         print(
-            f"  {policy.name}: {policy.application} {','.join(policy.services)} "
+            f"  {policy.name}: {policy.application} {','.join(policy.services)}{tags} "
             f"{rate.limit} per {rate.per:g}s{reset} [{policy.mode}]  ({policy.source})",
             file=out,
         )

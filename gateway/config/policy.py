@@ -1,8 +1,12 @@
 """Policy YAML -> PolicySet (frozen): which Acceptable Use Policy covers a call, and for whom.
 
 Policies are tried in order (files by name, then their order in each file); the first whose
-application, services and methods match applies. Matches are memoised per
+application, services, methods and tags match applies, unless the OpenAPI operation names its
+policy (`x-aup-policy`), which wins over order. Matches are memoised per
 (application, service, method), so a request costs one dict look-up, not a scan.
+
+Applications with `openapi:` have their spec read here too (config/openapi.py), so that the spec
+is validated, versioned and reloaded together with the policies that match its operations.
 
 The same files carry the access list (`access:` entries, see gateway/config/access.py), so it is
 validated, versioned and reloaded together with the policies.
@@ -10,6 +14,7 @@ validated, versioned and reloaded together with the policies.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from gateway.config.access import AccessList, AccessRule, read_access_rule
+from gateway.config.openapi import ApiSpec, load_spec
 from gateway.config.settings import Settings, StoreErrorMode
 from gateway.config.yamlread import Fields, Problems, compose, parse_duration
 from gateway.edge.identity import ClientIdentity, normalise_dn
@@ -50,16 +56,20 @@ class Policy:
     services: tuple[str, ...]
     rate: Rate
     methods: tuple[str, ...] | None = None
+    tags: tuple[str, ...] | None = None  # OpenAPI tags: any one of them matches
     mode: Mode = "enforce"
     message: str = DEFAULT_MESSAGE
     on_store_error: StoreErrorMode | None = None
     overrides: Mapping[str, Override] = field(default_factory=dict)
     source: str = ""
 
-    def matches(self, application: str, service: str, method: str) -> bool:
+    def matches(
+        self, application: str, service: str, method: str, tags: tuple[str, ...] = ()
+    ) -> bool:
         return (
             application == self.application
             and (self.methods is None or method in self.methods)
+            and (self.tags is None or any(tag in tags for tag in self.tags))
             and any(fnmatchcase(service, pattern) for pattern in self.services)
         )
 
@@ -77,6 +87,9 @@ class PolicySet:
     files: tuple[Path, ...]
     version: str
     access: AccessList | None = None  # None: no access list, every verified identity may call
+    specs: Mapping[str, ApiSpec] = field(default_factory=dict)  # application -> its OpenAPI spec
+    # (application, operationId) -> the policy its x-aup-policy names
+    bound: Mapping[tuple[str, str], Policy] = field(default_factory=dict)
     _memo: dict[tuple[str, str, str], Policy | None] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -91,7 +104,14 @@ class PolicySet:
             return self._memo[key]
         except KeyError:
             pass
-        found = next((p for p in self.policies if p.matches(application, service, method)), None)
+        found = self.bound.get((application, service))
+        if found is None:
+            spec = self.specs.get(application)
+            operation = spec.by_service.get(service) if spec is not None else None
+            tags = operation.tags if operation is not None else ()
+            found = next(
+                (p for p in self.policies if p.matches(application, service, method, tags)), None
+            )
         if len(self._memo) < _MEMO_LIMIT:  # service names come from URLs: bound the memo
             self._memo[key] = found
         return found
@@ -105,6 +125,14 @@ def load_policies(settings: Settings) -> PolicySet:
         raise ConfigError([f"{settings.source}:1: policies: {directory} is not a directory"])
     files = tuple(sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")))
     digest = hashlib.sha256()
+    specs: dict[str, ApiSpec] = {}
+    for app in settings.applications.values():
+        if app.openapi is not None:
+            with contextlib.suppress(OSError):  # load_spec reports it
+                digest.update(str(app.openapi).encode() + b"\0" + app.openapi.read_bytes() + b"\0")
+            spec = load_spec(app.openapi, app.name, problems)
+            if spec is not None:
+                specs[app.name] = spec
     policies: list[Policy] = []
     rules: list[AccessRule] = []
     seen: dict[str, str] = {}
@@ -117,7 +145,7 @@ def load_policies(settings: Settings) -> PolicySet:
         if not top.ok:
             continue
         for _, node in top.items("policies"):
-            policy = _read_policy(Fields(node, str(path), problems, "policies[]"), settings)
+            policy = _read_policy(Fields(node, str(path), problems, "policies[]"), settings, specs)
             if policy is None:
                 continue
             if policy.name in seen:
@@ -135,12 +163,44 @@ def load_policies(settings: Settings) -> PolicySet:
             if rule is not None:
                 rules.append(rule)
         top.done()
+    bound = _bind_operations(specs, policies, problems)
     problems.raise_if_any()
     access = AccessList(tuple(rules)) if rules else None
-    return PolicySet(tuple(policies), files, digest.hexdigest()[:16], access)
+    spec_files = tuple(spec.path for spec in specs.values())
+    return PolicySet(
+        tuple(policies), files + spec_files, digest.hexdigest()[:16], access, specs, bound
+    )
 
 
-def _read_policy(f: Fields, settings: Settings) -> Policy | None:
+def _bind_operations(
+    specs: Mapping[str, ApiSpec], policies: list[Policy], problems: Problems
+) -> dict[tuple[str, str], Policy]:
+    """Each operation's `x-aup-policy` -> that policy, which must exist and be of its
+    application; the error is at the extension's line in the spec."""
+    by_name = {policy.name: policy for policy in policies}
+    bound: dict[tuple[str, str], Policy] = {}
+    for spec in specs.values():
+        for op in spec.operations:
+            if op.policy is None:
+                continue
+            policy = by_name.get(op.policy)
+            if policy is None:
+                known = ", ".join(p.name for p in policies if p.application == spec.application)
+                problems.items.append(
+                    f"{op.policy_source}: x-aup-policy: no policy is named {op.policy!r} "
+                    f"(policies of {spec.application}: {known or 'none'})"
+                )
+            elif policy.application != spec.application:
+                problems.items.append(
+                    f"{op.policy_source}: x-aup-policy: {op.policy!r} is a policy of "
+                    f"{policy.application}, not of {spec.application}"
+                )
+            else:
+                bound[(spec.application, op.service)] = policy
+    return bound
+
+
+def _read_policy(f: Fields, settings: Settings, specs: Mapping[str, ApiSpec]) -> Policy | None:
     if not f.ok:
         return None
     name = f.value("name", str, "")
@@ -163,6 +223,10 @@ def _read_policy(f: Fields, settings: Settings) -> Policy | None:
     for method in methods or ():
         if method not in _METHODS:
             f.error("methods", f"{method!r} is not an HTTP method ({', '.join(_METHODS)})")
+    tags = _read_tags(f, app.name if app else None, app is not None and app.openapi is not None)
+    spec = specs.get(app.name) if app else None
+    if spec is not None:
+        _check_against_spec(f, spec, services, tags)
     limit = f.value("limit", int, 1, lambda v: None if v >= 1 else f"must be at least 1, got {v}")
     per = f.converted("per", parse_duration, 1.0)
     reset = f.value("reset_on_early_retry", bool, False)
@@ -173,6 +237,7 @@ def _read_policy(f: Fields, settings: Settings) -> Policy | None:
         services=services,
         rate=rate,
         methods=methods,
+        tags=tags,
         mode=f.choice("mode", ("enforce", "shadow"), "enforce"),  # type: ignore[arg-type]
         message=f.value("message", str, DEFAULT_MESSAGE, _check_template),
         on_store_error=f.choice("on_store_error", ("local", "allow", "deny"), None),  # type: ignore[arg-type]
@@ -181,6 +246,42 @@ def _read_policy(f: Fields, settings: Settings) -> Policy | None:
     )
     f.done()
     return policy if name and app else None
+
+
+def _read_tags(f: Fields, application: str | None, has_spec: bool) -> tuple[str, ...] | None:
+    if not f.has("tags"):
+        return None
+    tags = f.strings("tags")
+    if not tags:
+        f.error("tags", "must list at least one tag")
+    elif application is not None and not has_spec:
+        f.error(
+            "tags",
+            f"{application} has no OpenAPI spec (openapi: in gateway.yaml): only its "
+            "operations carry tags",
+        )
+    return tags or None
+
+
+def _check_against_spec(
+    f: Fields, spec: ApiSpec, services: tuple[str, ...], tags: tuple[str, ...] | None
+) -> None:
+    """Patterns and tags that match no operation are typos until proven otherwise."""
+    for pattern in services:
+        if not any(fnmatchcase(service, pattern) for service in spec.by_service):
+            f.error(
+                "services",
+                f"{pattern!r} matches no operationId in {spec.path.name} "
+                f"(operations: {', '.join(spec.by_service)})",
+            )
+    known = spec.tags
+    for tag in tags or ():
+        if tag not in known:
+            f.error(
+                "tags",
+                f"no operation in {spec.path.name} is tagged {tag!r} "
+                f"(tags: {', '.join(sorted(known)) or 'none'})",
+            )
 
 
 def _check_template(text: str) -> str | None:

@@ -99,6 +99,7 @@ class Application:
     protocol: Protocol
     prefix: str = ""
     routes: tuple[Route, ...] = ()
+    openapi: Path | None = None  # the spec whose operations are the routes (docs/openapi.md)
     faults: FaultShape = "auto"
     fault_status: int | None = None
     fault_statuses: FaultStatuses = "binding"
@@ -271,7 +272,7 @@ def _read_settings(top: Fields, source: Path) -> Settings | None:
                 apps.error(name, "duplicate application (names are case-insensitive)")
             assert node is not None
             app = _read_application(
-                Fields(node, apps.file, apps.problems, f"applications.{name}"), name
+                Fields(node, apps.file, apps.problems, f"applications.{name}"), name, base
             )
             if app is not None:
                 applications[name] = app
@@ -349,7 +350,7 @@ def _from_environment(fields: Fields, key: str, text: str | None) -> str | None:
     return value
 
 
-def _read_application(f: Fields, name: str) -> Application | None:
+def _read_application(f: Fields, name: str, base: Path) -> Application | None:
     if not f.ok:
         return None
     upstream = f.value("upstream", str, "")
@@ -377,12 +378,14 @@ def _read_application(f: Fields, name: str) -> Application | None:
         route_fields.done()
     if protocol == "soap" and routes:
         f.error("routes", "only rest applications have routes")
+    openapi = _read_openapi(f, protocol, base)
     app = Application(
         name=name,
         upstream=upstream.rstrip("/"),
         protocol=protocol,  # type: ignore[arg-type]
         prefix=prefix,
         routes=tuple(routes),
+        openapi=openapi,
         faults=f.choice("faults", ("auto", "soap11", "soap12", "problem", "errorlist"), "auto"),  # type: ignore[arg-type]
         fault_status=f.value("fault_status", int, None, _status),
         fault_statuses=f.choice("fault_statuses", ("binding", "http"), "binding"),  # type: ignore[arg-type]
@@ -393,3 +396,19 @@ def _read_application(f: Fields, name: str) -> Application | None:
     )
     f.done()
     return app
+
+
+def _read_openapi(f: Fields, protocol: str, base: Path) -> Path | None:
+    """`openapi: <file>` (relative to this file): the spec is read with the policies
+    (config/openapi.py), so that a reload picks up its changes; here only where it is."""
+    text = f.value("openapi", str, None)
+    if text is None:
+        return None
+    if protocol != "rest":
+        f.error("openapi", "only rest applications have an OpenAPI spec")
+    if f.has("routes"):
+        f.error("openapi", "give routes or openapi, not both: the spec's operations are the routes")
+    path = base / text
+    if not path.is_file():
+        f.error("openapi", f"{path} is not a file")
+    return path

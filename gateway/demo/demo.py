@@ -1,5 +1,6 @@
 """`aup-gateway demo`: certificates if missing, the mock market services and the gateway, plus
-curl commands that show an allowed call, an OMS violation and a DRRS reset."""
+curl commands that show an allowed call, an OMS violation, a DRRS reset and a REST call routed by
+its OpenAPI operationId."""
 
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ def curl_session(settings: Settings, certs_dir: Path) -> str:
 
     oms = soap("jdoex1234", "oms", "RetrieveCurrentOutages_OMSv1_AP")
     drrs = soap("jdoex1234", "drrs", "RetrieveDRLocations_DRRSv2_AP")
+    crr = (
+        f"$CURL --cert {clients}/jdoex1234-bundle.pem "
+        f"{base}/crr/auction/v1.0/portfolio/PF-2024-000117"
+    )
     return "\n".join(
         [
             "# Paste into a shell in this folder:",
@@ -57,8 +62,11 @@ def curl_session(settings: Settings, certs_dir: Path) -> str:
             drrs,
             "# 4b. When may jdoex1234 call DRRS again? Asking is free (never a call, no reset):",
             f"$CURL --cert {clients}/jdoex1234-bundle.pem '{base}/aup/v1/status?application=DRRS'",
-            "# 5. A REST call (CRR); its violation is JSON in the API's own errorList shape:",
-            f"$CURL --cert {clients}/jdoex1234-bundle.pem {base}/crr/auction/v1.0/portfolio",
+            "# 5. REST (CRR), routed by its OpenAPI file: this path is the operation",
+            "#    getPortfolioById (tag read, 1 call per 5 s); the second call's violation names",
+            "#    the operationId, in the API's own errorList JSON shape:",
+            crr,
+            crr,
             "# 6. No client certificate: the TLS handshake is refused, nothing is forwarded:",
             f"$CURL {base}/sst/oms/RetrieveCurrentOutages_OMSv1_AP",
         ]

@@ -184,6 +184,7 @@ def policy_view(policy: Policy) -> dict[str, Any]:
         "application": policy.application,
         "services": list(policy.services),
         "methods": list(policy.methods) if policy.methods else None,
+        "tags": list(policy.tags) if policy.tags else None,
         "limit": rate.limit,
         "per": rate.per,
         "reset_on_early_retry": rate.reset_on_early_retry,
@@ -302,8 +303,8 @@ async def explain_view(
 ) -> tuple[int, dict[str, Any]]:
     """Which policy applies to the key and its state now: (HTTP status, the answer)."""
     gateway = state.gateway
-    method = method_for(named.application, named.service, method_given)
     current = gateway.policies
+    method = method_for(named.application, named.service, current, method_given)
     policy = current.match(named.application.name, named.service, method)
     body: dict[str, Any] = {
         "identity": named.identity,

@@ -1,11 +1,14 @@
-"""Live policy reload: watch the policy folder, validate the whole new set, swap it atomically.
+"""Live policy reload: watch the policy folder (and the applications' OpenAPI files), validate
+the whole new set, swap it atomically.
 
 The watcher looks at the folder every `interval` seconds (1 s by default): it reads every
 `*.yaml` / `*.yml` file and compares a digest of names and contents with the last one it acted
-on. Contents rather than mtimes, because file systems stamp mtimes with a coarse clock (two
-writes in one tick look alike) and editors and ConfigMaps replace files in different ways. A
-policy folder is a few kilobytes, so reading it once a second costs nothing measurable; the
-reading and parsing happen in a worker thread, off the event loop that serves calls.
+on, together with every `openapi:` file of gateway.yaml (a spec's operations are the routes
+that policies match, so it reloads with them). Contents rather than mtimes, because file systems
+stamp mtimes with a coarse clock (two writes in one tick look alike) and editors and ConfigMaps
+replace files in different ways. A policy folder and a spec are a few kilobytes, so reading them
+once a second costs nothing measurable; the reading and parsing happen in a worker thread, off
+the event loop that serves calls.
 
 A reload (from the watcher, SIGHUP or the admin API) loads the complete set with the same loader
 as start-up and `check`. Only a set without a single problem replaces `gateway.policies`, in one
@@ -74,7 +77,9 @@ class ReloadResult:
 
 
 def policy_digest(settings: Settings) -> str:
-    """A digest of the policy folder's files (names and contents); '' if it cannot be read."""
+    """A digest of the policy folder's files and the applications' OpenAPI files (names and
+    contents); '' if the folder cannot be read. A spec that cannot be read counts as a change
+    (the reload then reports it), not as an unreadable folder."""
     digest = hashlib.sha256()
     directory = settings.policies
     try:
@@ -83,6 +88,13 @@ def policy_digest(settings: Settings) -> str:
             digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     except OSError:
         return ""
+    for app in settings.applications.values():
+        if app.openapi is not None:
+            try:
+                digest.update(str(app.openapi).encode() + b"\0" + app.openapi.read_bytes())
+            except OSError as exc:
+                digest.update(f"unreadable: {exc}".encode())
+            digest.update(b"\0")
     return digest.hexdigest()
 
 

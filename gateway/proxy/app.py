@@ -100,6 +100,7 @@ class Gateway:
             )
 
         path, _, query = request.raw_path.partition("?")  # the query as sent, never decoded
+        policies = self.policies  # read once: a reload swaps the whole set (OpenAPI routes too)
         form = status_form(path)
         if form is not None:
             outcome.application, outcome.service = RESERVED_APPLICATION, SERVICE_NAMES[form]
@@ -109,13 +110,18 @@ class Gateway:
                 form,
                 identity,
                 self.settings,
-                self.policies,
+                policies,
                 self.limiter,
                 outcome.request_id,
             )
             return self._respond(answer, outcome)
         target = self.router.route(
-            request.method, path, query, request.headers.get("SOAPAction"), content_type
+            request.method,
+            path,
+            query,
+            request.headers.get("SOAPAction"),
+            content_type,
+            policies.specs,
         )
         if isinstance(target, NoRoute):
             outcome.decision = "refused"
@@ -129,7 +135,6 @@ class Gateway:
             )
         app = target.application
         outcome.application, outcome.service = app.name, target.service
-        policies = self.policies  # read once: a reload swaps the whole set
         if not policies.allows(identity, app.name):
             outcome.decision = "refused"
             return self._error(

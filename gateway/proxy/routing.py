@@ -4,7 +4,8 @@ SOAP services are addressed as `/sst/<application>/<service>` (the operator's co
 application is matched case-insensitively), with the SOAPAction as a fallback when the path
 stops at the application, and the first element of the SOAP Body (`route_by_body`, read safely
 from a bounded prefix) when neither names it. REST services are found by the application's
-prefix and its route table ("GET /auction/v1.0/portfolio/{id}" -> service name).
+prefix and its route table ("GET /auction/v1.0/portfolio/{id}" -> service name), or by the
+operations of its OpenAPI spec (config/openapi.py: exact templates, the operationId as service).
 
 Requests that could escape a prefix or smuggle a different target are refused here, before
 anything else looks at them: methods outside the seven the policies know (TRACE, CONNECT,
@@ -17,11 +18,12 @@ query is forwarded exactly as the client sent it (never decoded and re-sent).
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from urllib.parse import unquote_to_bytes
 
-from gateway.config.settings import Application, Route, Settings
+from gateway.config.openapi import ApiSpec, template_pattern
+from gateway.config.settings import Application, Settings
 from gateway.errors import ErrorCode
 from gateway.proxy.xmlsafe import BodySniffer, MalformedXml, UnsafeXml
 
@@ -36,7 +38,7 @@ _BAD_ESCAPES = re.compile(
     r"%(2f|5c|2e|[01][0-9a-f]|7f|25[0-9a-f]{2})|%(?![0-9a-f]{2})", re.IGNORECASE
 )
 _SERVICE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
-_PARAM = re.compile(r"\{[^/{}]+\}")
+_NO_SPECS: Mapping[str, ApiSpec] = {}
 
 BodyReader = Callable[[int], Awaitable[bytes]]
 
@@ -62,17 +64,28 @@ class Router:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._rest: list[tuple[str, Application, list[tuple[str, re.Pattern[str], str]]]] = []
+        self._rest: list[tuple[str, Application, tuple[tuple[str, re.Pattern[str], str], ...]]]
+        self._rest = []
         for app in settings.applications.values():
             if app.protocol == "rest":
-                table = [(r.method, _template_regex(r), r.service) for r in app.routes]
+                table = tuple(
+                    (r.method, template_pattern(r.template, exact=False), r.service)
+                    for r in app.routes
+                )
                 self._rest.append((app.prefix, app, table))
         self._rest.sort(key=lambda entry: -len(entry[0]))  # longest prefix wins
 
     def route(
-        self, method: str, raw_path: str, query: str, soap_action: str | None, content_type: str
+        self,
+        method: str,
+        raw_path: str,
+        query: str,
+        soap_action: str | None,
+        content_type: str,
+        specs: Mapping[str, ApiSpec] = _NO_SPECS,
     ) -> Target | NoRoute:
-        """`raw_path` without the query, `query` as received (still percent-encoded)."""
+        """`raw_path` without the query, `query` as received (still percent-encoded); `specs`
+        are the OpenAPI route tables of the running PolicySet (they reload with it)."""
         if method not in METHODS:
             return NoRoute(
                 405, ErrorCode.BAD_METHOD, f"The method {method[:20]} is not accepted here."
@@ -86,6 +99,9 @@ class Router:
         for prefix, app, table in self._rest:
             if raw_path == prefix or raw_path.startswith(prefix + "/"):
                 rest = raw_path[len(prefix) :] or "/"
+                if app.openapi is not None:
+                    spec = specs.get(app.name)
+                    table = spec.table if spec is not None else ()
                 for route_method, pattern, service in table:
                     if route_method == method and pattern.match(rest):
                         return Target(app, service, rest + suffix)
@@ -215,13 +231,3 @@ def service_from_action(soap_action: str | None, content_type: str) -> str:
         return ""
     action = action.strip().strip('"').rstrip("/")
     return re.split(r"[/#:]", action)[-1]
-
-
-def _template_regex(route: Route) -> re.Pattern[str]:
-    pattern = ""
-    last = 0
-    for m in _PARAM.finditer(route.template):
-        pattern += re.escape(route.template[last : m.start()]) + r"[^/]+"
-        last = m.end()
-    pattern += re.escape(route.template[last:])
-    return re.compile(f"^{pattern}/?$")

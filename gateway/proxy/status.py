@@ -73,12 +73,19 @@ def status_form(path: str) -> StatusForm | None:
     return None
 
 
-def method_for(app: Application, service: str, given: str | None = None) -> str:
-    """The method a service's calls use: SOAP is POST; a REST service its route's method."""
+def method_for(
+    app: Application, service: str, policies: PolicySet, given: str | None = None
+) -> str:
+    """The method a service's calls use: SOAP is POST; a REST service its OpenAPI operation's
+    (an operationId names exactly one method) or its route's method."""
     if given:
         return given.upper()
     if app.protocol == "soap":
         return "POST"
+    spec = policies.specs.get(app.name)
+    operation = spec.by_service.get(service) if spec is not None else None
+    if operation is not None:
+        return operation.method
     route = next((r for r in app.routes if r.service == service), None)
     return route.method if route else "GET"
 
@@ -374,7 +381,7 @@ async def _service_facts(
     live_only: bool = False,
 ) -> ServiceFacts | None:
     """One service's facts; with `live_only`, None when nothing in the store affects it."""
-    policy = policies.match(app.name, service, method_for(app, service))
+    policy = policies.match(app.name, service, method_for(app, service, policies))
     rate = policy.rate_for(key_identity) if policy is not None else None
     if policy is None or rate is None:
         if live_only:

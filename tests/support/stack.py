@@ -52,6 +52,10 @@ applications:
     upstream: "http://127.0.0.1:{rest}"
     protocol: rest
     prefix: /crr
+{crr}"""
+# The CRR application's routes: a route table by default, or `openapi: <file>` (stack_factory's
+# `crr=`), indented under the application.
+CRR_ROUTES = """\
     routes:
       "GET /auction/v1.0/portfolio": getPortfolio
       "POST /auction/v1.0/portfolio": portfolioSubmission
@@ -168,6 +172,7 @@ async def stack_factory(
         folder: Path | None = None,
         oms_port: int | None = None,
         oms_extra: str = "",
+        crr: str = CRR_ROUTES,
     ) -> Stack:
         folder = folder or tmp_path / f"stack{len(stacks)}"
         (folder / "policies").mkdir(parents=True, exist_ok=True)
@@ -181,6 +186,7 @@ async def stack_factory(
             rest=upstream.rest_port,
             oms_port=oms_port or upstream.soap_port,
             oms_extra=oms_extra,
+            crr=crr,
         ) + textwrap.dedent(extra)
         (folder / "gateway.yaml").write_text(config)
         running = await start(load_settings(folder / "gateway.yaml"), limiter=limiter)

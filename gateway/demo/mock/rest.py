@@ -1,4 +1,7 @@
-"""The demo CRR REST service: `GET`/`POST /auction/v1.0/portfolio`, JSON in and out.
+"""The demo CRR REST service: exactly the operations of specs/crr_auction_1.0.0.yaml
+(`GET`/`POST /auction/v1.0/portfolio`, `GET /auction/v1.0/portfolio/{portfolioId}`), JSON in
+and out. tests/test_openapi.py holds the two to each other: every operation of the spec is served
+with answers its schemas describe, and nothing else is (but the `/_mock/*` test hooks).
 
 Errors, routing ones included, come in the operator's `errorList` shape, and every answer
 carries the request's `caiso-request-id` (a fresh UUID when the client sent none).
@@ -90,6 +93,14 @@ async def get_portfolio(request: web.Request) -> web.Response:
     return web.json_response({"portfolios": portfolios, "count": len(portfolios)})
 
 
+async def get_portfolio_by_id(request: web.Request) -> web.Response:
+    wanted = request.match_info["portfolioId"]
+    found = next((p for p in _portfolios() if p["portfolioId"] == wanted), None)
+    if found is None:
+        return error_list(404, "GEN0004", f"Portfolio {wanted} was not found.")
+    return web.json_response(found)
+
+
 async def submit_portfolio(request: web.Request) -> web.Response:
     body = request[BODY]
     if body.kept is None:
@@ -116,6 +127,10 @@ def create_rest_app() -> web.Application:
     app = web.Application()
     add_mock_hooks(app)  # outermost: the echo sees every answer, errorList ones included
     app.middlewares.append(rest_middleware)
-    app.router.add_get("/auction/v1.0/portfolio", get_portfolio)
+    # allow_head=False: HEAD is not an operation of the spec
+    app.router.add_get("/auction/v1.0/portfolio", get_portfolio, allow_head=False)
     app.router.add_post("/auction/v1.0/portfolio", submit_portfolio)
+    app.router.add_get(
+        "/auction/v1.0/portfolio/{portfolioId}", get_portfolio_by_id, allow_head=False
+    )
     return app
