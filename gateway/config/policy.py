@@ -15,18 +15,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Literal
 
 from gateway.config.access import AccessList, AccessRule, read_access_rule
-from gateway.config.settings import Settings, StoreErrorMode
+from gateway.config.settings import (
+    METHODS,
+    MODES,
+    STORE_ERROR_MODES,
+    Mode,
+    Settings,
+    StoreErrorMode,
+)
 from gateway.config.yamlread import Fields, Problems, compose, parse_duration
 from gateway.edge.identity import ClientIdentity, normalise_dn
 from gateway.errors import ConfigError
 from gateway.limiter.base import Rate
 from gateway.proxy.faults import unknown_message_fields
 
-Mode = Literal["enforce", "shadow"]
-_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 _MEMO_LIMIT = 50_000
 DEFAULT_MESSAGE = (
     "Acceptable Use Policy violation: {service} may be called at most once every {per} "
@@ -161,8 +165,8 @@ def _read_policy(f: Fields, settings: Settings) -> Policy | None:
         f.error("services", "must list at least one service pattern")
     methods = f.strings("methods") or None
     for method in methods or ():
-        if method not in _METHODS:
-            f.error("methods", f"{method!r} is not an HTTP method ({', '.join(_METHODS)})")
+        if method not in METHODS:
+            f.error("methods", f"{method!r} is not an HTTP method ({', '.join(METHODS)})")
     limit = f.value("limit", int, 1, lambda v: None if v >= 1 else f"must be at least 1, got {v}")
     per = f.converted("per", parse_duration, 1.0)
     reset = f.value("reset_on_early_retry", bool, False)
@@ -173,9 +177,9 @@ def _read_policy(f: Fields, settings: Settings) -> Policy | None:
         services=services,
         rate=rate,
         methods=methods,
-        mode=f.choice("mode", ("enforce", "shadow"), "enforce"),  # type: ignore[arg-type]
+        mode=f.choice("mode", MODES, "enforce"),
         message=f.value("message", str, DEFAULT_MESSAGE, _check_template),
-        on_store_error=f.choice("on_store_error", ("local", "allow", "deny"), None),  # type: ignore[arg-type]
+        on_store_error=f.choice("on_store_error", STORE_ERROR_MODES, None),
         overrides=_read_overrides(f, rate),
         source=f"{f.file}:{f.line()}",
     )

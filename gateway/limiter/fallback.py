@@ -32,19 +32,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Literal, Protocol, TypeVar, get_args, runtime_checkable
 
+from gateway.config.settings import StoreErrorMode
 from gateway.errors import StoreUnavailable
 from gateway.limiter.base import Decision, KeyState, Limiter, Rate
 from gateway.limiter.lockcache import LockCache
 from gateway.limiter.memory import MemoryLimiter
 
-if TYPE_CHECKING:
-    from gateway.config.settings import StoreErrorMode
-
 StoreState = Literal["ok", "fallback"]
-Source = Literal["store", "cache", "local", "allow", "deny"]
-DEGRADED: frozenset[Source] = frozenset({"local", "allow", "deny"})  # decided without the store
+Source = Literal["store", "cache", StoreErrorMode]
+DEGRADED: frozenset[Source] = frozenset(get_args(StoreErrorMode))  # decided without the store
 _T = TypeVar("_T")
 
 # Every way a store call can fail that the fallback covers. TimeoutError and ConnectionError are

@@ -48,6 +48,7 @@ from gateway.ops.history import History
 from gateway.ops.ledger import LedgerEntry, LedgerWriter, Query, parse_since, support_entry
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ops.reload import PolicyReloader
+from gateway.outcome import VIOLATIONS
 
 if TYPE_CHECKING:  # the admin side reads the gateway; only the server builds it
     from gateway.proxy.app import Gateway
@@ -457,7 +458,7 @@ def ops_view(state: AdminState, entries: list[LedgerEntry], window: float) -> di
     cells: dict[tuple[str, str, str], dict[str, Any]] = {}
     offenders: Tally[str] = Tally()
     names: dict[str, str] = {}
-    violations = [e for e in entries if e.decision in ("rejected", "shadow")]
+    violations = [e for e in entries if e.decision in VIOLATIONS]
     for entry in violations:  # newest first
         who = entry.identity or entry.cn
         names.setdefault(who, entry.cn or who)

@@ -56,13 +56,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO, cast
 from urllib.parse import urlsplit
 
-from gateway.config.settings import IdentityMode, LedgerSettings, Settings
+from gateway.config.settings import LedgerSettings, Settings
 from gateway.config.yamlread import parse_duration
-from gateway.edge.identity import normalise_dn
+from gateway.edge.identity import IdentityMode, normalise_dn
 from gateway.errors import ConfigError
+from gateway.outcome import VIOLATIONS, Violation
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis, RedisCluster
@@ -72,7 +73,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.ledger")
 shadow_log = logging.getLogger("gateway.shadow")
-RECORDED = frozenset({"rejected", "shadow"})
 MAX_PENDING = 100_000  # final episodes waiting to be written
 MAX_OPEN = 200_000  # open episodes held in memory; past it the oldest is ended early
 # A crashed writer's open episode is written final by the next writer this long after its end
@@ -82,6 +82,9 @@ _COMPACT_MIN = 10_000
 _DEFAULTS = LedgerSettings()
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 Format = Literal["table", "json", "jsonl", "csv"]
+# What an entry records: a violation episode (rejected | shadow), a support action (cleared) or
+# calls the local fallback let past a policy during a store outage (excess, reconciliation).
+LedgerDecision = Literal[Violation, "cleared", "excess"]
 
 # One call writes a batch. ARGV: retention ms, per-identity bound, stream key prefix, then per
 # entry: kind ("o" open, "f" final), episode id, identity, JSON. Returns {identity, evicted, ...}
@@ -126,7 +129,7 @@ class LedgerEntry:
     `ends_at` are on the store's clock, `time` is the writer's wall clock at this write."""
 
     id: str  # the episode: its first fault's request id (support actions: admin:<peer>:...)
-    decision: str  # rejected | shadow | cleared (a support action) | excess (reconciliation)
+    decision: LedgerDecision
     identity: str  # what the limiter keyed on: the subject DN, fingerprint or CN
     subject: str
     cn: str
@@ -186,7 +189,7 @@ class _Open:
     def __init__(self, outcome: Outcome, wall: float) -> None:
         t = outcome.store_time
         self.id = outcome.request_id
-        self.decision = outcome.decision
+        self.decision = cast("Violation", outcome.decision)  # observe() admits only these
         self.outcome = outcome  # the first call: who, what, the first request id
         self.first = self.last = t
         self.ends_at = t + outcome.retry_after
@@ -616,7 +619,7 @@ class LedgerWriter:
 
     def observe(self, outcome: Outcome) -> None:
         """The per-call observer: a rejection or shadow hit joins its key's open episode."""
-        if outcome.decision not in RECORDED:
+        if outcome.decision not in VIOLATIONS:
             return
         wall = self._clock()
         key = (outcome.key, outcome.policy)
