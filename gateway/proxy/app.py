@@ -249,16 +249,8 @@ class Gateway:
         code: ErrorCode,
         message: str,
     ) -> web.Response:
-        if app is not None:
-            shape = faults.shape_for(app, content_type)
-        elif "soap+xml" in content_type:
-            shape = "soap12"
-        elif "xml" in content_type:
-            shape = "soap11"
-        else:
-            shape = "problem"
         fault = faults.error_fault(
-            shape,
+            faults.shape_for(app, content_type),
             status=status,
             code=code,
             message=message,
