@@ -41,6 +41,7 @@ class MemoryLimiter:
     """Exact for one process. The clock is injectable; `now` overrides it per call."""
 
     name = "memory"
+    shared = False
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -106,6 +107,15 @@ class MemoryLimiter:
 
     async def close(self) -> None:
         self._entries.clear()
+
+    async def start(self) -> None:
+        """Nothing to warm up: the state is this process's memory."""
+
+    async def ping(self) -> None:
+        """Always answers: the state is this process's memory."""
+
+    def status(self) -> dict[str, object]:
+        return {"store": self.name, "state": "ok"}
 
     def drain(self, t: float) -> list[LocalState]:
         """Take every key that still affects a decision at `t` out of this limiter (the store's

@@ -73,8 +73,7 @@ class AdminState:
     history: History | None = None  # per-minute series of the last hour, for the ops page
 
     def store_status(self) -> dict[str, Any] | None:
-        status = getattr(self.gateway.limiter, "status", None)
-        return dict(status()) if callable(status) else None
+        return dict(self.gateway.limiter.status())
 
 
 STATE = web.AppKey("state", AdminState)

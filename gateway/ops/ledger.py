@@ -62,7 +62,7 @@ from urllib.parse import urlsplit
 from gateway.config.settings import LedgerSettings, Settings
 from gateway.config.yamlread import parse_duration
 from gateway.edge.identity import IdentityMode, normalise_dn
-from gateway.errors import ConfigError
+from gateway.limiter.redis import lua_source
 from gateway.outcome import VIOLATIONS, Violation
 
 if TYPE_CHECKING:
@@ -85,42 +85,6 @@ Format = Literal["table", "json", "jsonl", "csv"]
 # What an entry records: a violation episode (rejected | shadow), a support action (cleared) or
 # calls the local fallback let past a policy during a store outage (excess, reconciliation).
 LedgerDecision = Literal[Violation, "cleared", "excess"]
-
-# One call writes a batch. ARGV: retention ms, per-identity bound, stream key prefix, then per
-# entry: kind ("o" open, "f" final), episode id, identity, JSON. Returns {identity, evicted, ...}
-# for identities whose bound dropped episodes.
-_WRITE_SCRIPT = """
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local retention = tonumber(ARGV[1])
-local bound = tonumber(ARGV[2])
-local minid = now_ms - retention
-local evicted = {}
-for i = 4, #ARGV, 4 do
-  local kind, id, who, e = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  if kind == 'o' then
-    redis.call('HSET', KEYS[1], id, e)
-  else
-    local s = ARGV[3] .. who
-    redis.call('XADD', s, '*', 'e', e)
-    redis.call('HDEL', KEYS[1], id)
-    redis.call('ZADD', KEYS[2], now_ms, who)
-    redis.call('XTRIM', s, 'MINID', minid)
-    local dropped = redis.call('XTRIM', s, 'MAXLEN', bound)
-    if dropped > 0 then
-      evicted[who] = (evicted[who] or 0) + dropped
-    end
-    redis.call('PEXPIRE', s, retention)
-  end
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', minid)
-local out = {}
-for who, n in pairs(evicted) do
-  out[#out + 1] = who
-  out[#out + 1] = n
-end
-return out
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,7 +474,7 @@ class StreamSink:
         self.retention = retention
         self.max_per_identity = max_per_identity
         self.where = f"{where} {base}"
-        self._write_script = client.register_script(_WRITE_SCRIPT)
+        self._write_script = client.register_script(lua_source("ledger_write.lua"))
 
     def stream_key(self, identity: str) -> str:
         return self.stream_prefix + identity
@@ -818,19 +782,13 @@ def ledger_sink(settings: Settings) -> LedgerSink:
     ledger = settings.ledger
     if urlsplit(settings.store.url).scheme == "memory":
         return FileSink(ledger_path(settings), ledger.retention, ledger.max_per_identity)
-    from gateway.limiter.factory import limiter_from_url
-    from gateway.limiter.redis import RedisLimiter
+    from gateway.limiter.factory import redis_client_from_url
 
-    # The store URL is read exactly as the limiter reads it (one parser for every scheme), but
-    # into a pool of its own, with timeouts made for background writes rather than decisions.
+    # A pool of its own, with timeouts made for background writes rather than decisions.
     store = dataclasses.replace(settings.store, timeout=2.0, connect_timeout=1.0, pool_size=4)
-    owner = limiter_from_url(store)
-    if not isinstance(owner.primary, RedisLimiter):
-        raise ConfigError(
-            [f"{settings.source}:1: store: {owner.label} has no Redis client for the ledger stream"]
-        )
+    owner = redis_client_from_url(store)
     return StreamSink(
-        owner.primary.client,
+        owner.client,
         settings.store.key_prefix,
         owner.label,
         ledger.retention,

@@ -113,9 +113,7 @@ async def start(
     """Bind the listeners; ports 0 in settings pick free ports (see Running.port)."""
     gateway = Gateway(settings, limiter if limiter is not None else make_limiter(settings))
     await gateway.start()
-    warm_up = getattr(gateway.limiter, "start", None)
-    if callable(warm_up):  # ResilientLimiter: load scripts now; never fails
-        await warm_up()
+    await gateway.limiter.start()  # load scripts now; never fails (ResilientLimiter)
     metrics = GatewayMetrics()
     ledger = ledger_writer(settings)
     reloader = PolicyReloader(
