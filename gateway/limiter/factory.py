@@ -31,7 +31,6 @@ time it connects, so after a failover the next connection goes to the promoted r
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -47,6 +46,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
+from gateway.clock import Clock, wall_clock
 from gateway.config.settings import StoreErrorMode, StoreSettings
 from gateway.errors import ConfigError
 from gateway.limiter.base import Limiter
@@ -54,7 +54,6 @@ from gateway.limiter.fallback import ResilientLimiter
 from gateway.limiter.memory import MemoryLimiter
 from gateway.limiter.redis import Pipeline, RedisLimiter, Target
 
-Clock = Callable[[], float]
 # A builder makes the primary limiter for one URL and names it without credentials (for logs).
 Builder = Callable[[StoreSettings, SplitResult, Clock], tuple[Limiter, str]]
 
@@ -83,7 +82,7 @@ _TLS_OPTIONS = (
 def limiter_from_url(
     store: StoreSettings,
     on_store_error: StoreErrorMode = "local",
-    clock: Clock = time.time,
+    clock: Clock = wall_clock,
 ) -> ResilientLimiter:
     """The limiter for `store.url`, wrapped so that store outages follow `on_store_error`.
 
@@ -120,7 +119,7 @@ def redis_client_from_url(store: StoreSettings) -> StoreClient:
 
     Raises ConfigError for a URL it cannot use, or one that names no Redis (memory://).
     """
-    primary, label = _primary(store, time.time)
+    primary, label = _primary(store, wall_clock)
     if not isinstance(primary, RedisLimiter):
         raise ConfigError([f"store: {label} has no Redis client"])
     return StoreClient(primary.client, label, primary.close)

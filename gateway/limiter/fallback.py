@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar, get_args
 
+from gateway.clock import Clock, wall_clock
 from gateway.config.settings import StoreErrorMode
 from gateway.errors import StoreUnavailable
 from gateway.limiter.base import Decision, KeyState, Limiter, Rate
@@ -82,7 +83,7 @@ class ResilientLimiter:
         mode: StoreErrorMode = "local",
         cooldown: float = 1.0,
         fallback: MemoryLimiter | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = wall_clock,
         monotonic: Callable[[], float] = time.monotonic,
         label: str | None = None,
         logger: logging.Logger | None = None,

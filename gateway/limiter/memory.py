@@ -7,11 +7,10 @@ decision stays flat however many keys are live.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.clock import Clock, wall_clock
 from gateway.limiter.base import Decision, KeyState, Rate
 
 _SWEEP_PER_CALL = 4
@@ -43,7 +42,7 @@ class MemoryLimiter:
     name = "memory"
     shared = False
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Clock = wall_clock) -> None:
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-import time
 from collections import Counter as Tally
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.clock import wall_clock
 from gateway.config.policy import Policy, PolicySet
 from gateway.config.settings import Application
 from gateway.edge.identity import ClientIdentity, normalise_dn
@@ -69,7 +69,7 @@ class AdminState:
     ledger: LedgerWriter
     worker: int = 0
     draining: bool = False
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=wall_clock)
     history: History | None = None  # per-minute series of the last hour, for the ops page
 
     def store_status(self) -> dict[str, Any] | None:
@@ -383,7 +383,11 @@ async def clear_key(request: web.Request) -> web.Response:
     state.metrics.support_action("clear_key")
     state.ledger.record(
         support_entry(
-            named.identity, named.application.name, named.service, f"admin:{peer}", time.time()
+            named.identity,
+            named.application.name,
+            named.service,
+            f"admin:{peer}",
+            state.gateway.clock(),
         )
     )
     return web.json_response({"key": named.key, "cleared": cleared})
@@ -480,7 +484,7 @@ def ops_view(state: AdminState, entries: list[LedgerEntry], window: float) -> di
         offenders[who] += entry.count
     current = state.gateway.policies
     return {
-        "now": time.time(),
+        "now": state.gateway.clock(),
         "window": window,
         "worker": state.worker,
         "mode": state.gateway.settings.mode,

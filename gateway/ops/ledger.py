@@ -51,7 +51,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -59,6 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO, cast
 from urllib.parse import urlsplit
 
+from gateway.clock import Clock, wall_clock
 from gateway.config.settings import LedgerSettings, Settings
 from gateway.config.yamlread import parse_duration
 from gateway.edge.identity import IdentityMode, normalise_dn
@@ -393,7 +393,7 @@ class FileSink:
             self._lines, self._finals = 0, {}
             return {}
         kept = _latest(self._entries())
-        cutoff = time.time() - self.retention
+        cutoff = wall_clock() - self.retention
         kept = [e for e in kept if e.time >= cutoff]
         evicted: dict[str, int] = {}
         by_identity: dict[str, list[LedgerEntry]] = {}
@@ -436,7 +436,7 @@ class FileSink:
 
     async def recent(self, seconds: float, limit: int) -> list[LedgerEntry]:
         return await asyncio.to_thread(
-            lambda: _newest(_latest(self._entries()), time.time() - seconds, limit)
+            lambda: _newest(_latest(self._entries()), wall_clock() - seconds, limit)
         )
 
     async def stale(self, before: float) -> list[LedgerEntry]:
@@ -520,7 +520,7 @@ class StreamSink:
         return query.select(await self._all(query.since))
 
     async def recent(self, seconds: float, limit: int) -> list[LedgerEntry]:
-        cutoff = time.time() - seconds
+        cutoff = wall_clock() - seconds
         return _newest(_latest(await self._all(cutoff)), cutoff, limit)
 
     async def stale(self, before: float) -> list[LedgerEntry]:
@@ -558,7 +558,7 @@ class LedgerWriter:
         flush_interval: float = _DEFAULTS.flush_interval,
         max_pending: int = MAX_PENDING,
         max_open: int = MAX_OPEN,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = wall_clock,
     ) -> None:
         self.sink = sink
         self._mode = mode
@@ -763,9 +763,12 @@ class LedgerWriter:
                 log.exception("ledger: flush failed")
 
 
-def ledger_writer(settings: Settings) -> LedgerWriter:
+def ledger_writer(settings: Settings, clock: Clock = wall_clock) -> LedgerWriter:
     return LedgerWriter(
-        ledger_sink(settings), settings.identity, flush_interval=settings.ledger.flush_interval
+        ledger_sink(settings),
+        settings.identity,
+        flush_interval=settings.ledger.flush_interval,
+        clock=clock,
     )
 
 
@@ -799,7 +802,7 @@ def ledger_sink(settings: Settings) -> LedgerSink:
 
 def parse_since(text: str, now: float | None = None) -> float:
     """`1h`, `30m`, `90s`, `7d` (ago) or an ISO 8601 time (UTC when it names no zone) -> epoch."""
-    now = time.time() if now is None else now
+    now = wall_clock() if now is None else now
     try:
         return now - parse_duration(text)
     except ValueError:

@@ -32,12 +32,12 @@ import functools
 import json
 import math
 import re
-import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Literal, get_args
 
+from gateway.clock import wall_clock
 from gateway.errors import ErrorCode
 
 if TYPE_CHECKING:  # only for types: the settings read these shapes from here
@@ -463,7 +463,7 @@ def error_fault(
             code=code,
             message=message,
             request_id=request_id,
-            created=time.time() if now is None else now,
+            created=wall_clock() if now is None else now,
             retry_after=wait,
             policy_name=None,
             service=service,
