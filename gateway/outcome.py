@@ -5,14 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from gateway.edge.identity import ClientIdentity
 
-# forwarded: no policy applied; allowed / rejected / shadow: a policy decided (shadow: it would
-# have been rejected); exempt: an override exempts the identity; refused: no route or no access;
-# status: the caller asked for its own AUP status (proxy/status.py), never counted as a call.
-CallDecision = Literal["forwarded", "allowed", "rejected", "shadow", "exempt", "refused", "status"]
+# A policy's violation: rejected (enforced), or shadow (it would have been rejected). These are
+# what the metrics count as violations and the ledger records as episodes.
+Violation = Literal["rejected", "shadow"]
+VIOLATIONS: frozenset[Violation] = frozenset(get_args(Violation))
+# forwarded: no policy applied; allowed / rejected / shadow: a policy decided; exempt: an
+# override exempts the identity; refused: no route or no access; status: the caller asked for
+# its own AUP status (proxy/status.py), never counted as a call.
+CallDecision = Literal["forwarded", "allowed", Violation, "exempt", "refused", "status"]
 
 
 @dataclass(slots=True)

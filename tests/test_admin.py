@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 
 import aiohttp
 import pytest
@@ -17,6 +16,7 @@ from gateway.config.settings import AdminSettings
 from gateway.limiter.memory import MemoryLimiter
 from tests.support.clock import FakeClock
 from tests.support.ops import admin, restart_with, samples, value, wait_for
+from tests.support.ports import free_port
 from tests.support.stack import DRRS, ENVELOPE, OMS, SOAP11, Stack, StackFactory
 
 OMS_RETRIEVE = "RetrieveCurrentOutages_OMSv1_AP"
@@ -135,16 +135,10 @@ async def test_each_gateway_has_its_own_registry(stack_factory: StackFactory) ->
     assert value(second, "aup_requests_total", **labels) == 0
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_readyz_stays_ready_in_store_fallback_and_says_so(
     stack_factory: StackFactory,
 ) -> None:
-    stack = await stack_factory(OMS, store=f"redis://127.0.0.1:{_closed_port()}/0")
+    stack = await stack_factory(OMS, store=f"redis://127.0.0.1:{free_port()}/0")
     client = stack.client()
     assert (await stack.soap(client, "oms", OMS_RETRIEVE)).status == 200  # decided locally
     assert (await stack.soap(client, "oms", OMS_RETRIEVE)).status == 500

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.support.ops import admin, free_port, samples, wait_for
+from tests.support.ops import admin, samples, wait_for
+from tests.support.ports import free_port
 from tests.support.stack import DRRS, StackFactory
 from tests.support.tools import require
 

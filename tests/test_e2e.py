@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import ssl
 
 import aiohttp
@@ -19,6 +18,7 @@ from defusedxml import ElementTree
 from gateway.demo.mock import pattern_chunks
 from gateway.limiter.memory import MemoryLimiter
 from tests.support.clock import FakeClock
+from tests.support.ports import free_port
 from tests.support.stack import DRRS, OMS, SOAP11, SOAP12, StackFactory
 
 SOAP_ENV = "{http://schemas.xmlsoap.org/soap/envelope/}"
@@ -238,9 +238,7 @@ async def test_unknown_application_and_service_are_refused_not_forwarded(
 
 
 async def test_dead_and_slow_upstreams_answer_502_and_504(stack_factory: StackFactory) -> None:
-    with socket.socket() as probe:  # a port that nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
+    closed_port = free_port()  # a port that nothing listens on
     dead = await stack_factory(OMS, oms_port=closed_port)
     refused = await dead.soap(dead.client(), "oms", OMS_RETRIEVE)
     assert refused.status == 500  # SOAP 1.1 binding; the code says which error
@@ -279,9 +277,7 @@ async def test_bad_certificates_are_refused_at_the_handshake_and_none_in_http(
 async def test_a_policys_on_store_error_overrides_the_global_choice(
     stack_factory: StackFactory,
 ) -> None:
-    with socket.socket() as probe:  # a Redis that is not there
-        probe.bind(("127.0.0.1", 0))
-        dead_redis = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"  # a Redis that is not there
     policies = """\
     policies:
       - {name: oms-local, application: OMS, services: [RetrieveA*], limit: 1, per: 5s}

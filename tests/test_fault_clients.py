@@ -9,7 +9,6 @@ by zeep (SOAP 1.1 and 1.2) and by suds through a WSDL whose fault message import
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -31,6 +30,7 @@ from lxml import etree
 from multidict import CIMultiDict
 
 from gateway.errors import ErrorCode
+from tests.support.ports import free_port
 from tests.support.stack import DRRS, OMS, SOAP11, SOAP12, Stack, StackFactory
 
 ROOT = Path(__file__).parent.parent
@@ -82,13 +82,6 @@ def text(parent: etree._Element, path: str) -> str | None:
 
 
 # --- every fault kind, from a running gateway --------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port  # closed again: nothing listens there
 
 
 async def violation(stack_factory: StackFactory, content_type: str) -> Answer:

@@ -14,12 +14,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.config.settings import Application, FaultStatuses, Protocol
-from gateway.config.settings import FaultShape as SettingsShape
+from gateway.config.settings import Application, Protocol
 from gateway.errors import ErrorCode
 from gateway.limiter.base import Decision, Rate
 from gateway.proxy.faults import (
     Fault,
+    FaultStatuses,
     error_fault,
     policy_header,
     rate_limit_headers,
@@ -31,6 +31,7 @@ from gateway.proxy.faults import (
     violation_fault,
     xml_text,
 )
+from gateway.proxy.faults import FaultChoice as SettingsShape
 
 SOAP11 = "{http://schemas.xmlsoap.org/soap/envelope/}"
 SOAP12 = "{http://www.w3.org/2003/05/soap-envelope}"

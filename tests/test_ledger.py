@@ -48,7 +48,6 @@ from tests.support.clock import FakeClock
 from tests.support.ops import (
     admin,
     client_ssl,
-    free_port,
     samples,
     serve_process,
     value,
@@ -56,6 +55,7 @@ from tests.support.ops import (
     wait_ready,
     write_gateway,
 )
+from tests.support.ports import free_port
 from tests.support.redis import RedisServer
 from tests.support.stack import DRRS, ENVELOPE, OMS, SOAP11, Stack, StackFactory, Upstream
 

@@ -24,7 +24,6 @@ from gateway.demo.mock import create_soap_app
 from gateway.ops.ledger import LedgerEntry
 from tests.support.ops import (
     client_ssl,
-    free_port,
     samples,
     serve_process,
     value,
@@ -32,6 +31,7 @@ from tests.support.ops import (
     wait_ready,
     write_gateway,
 )
+from tests.support.ports import free_port
 from tests.support.redis import RedisServer
 from tests.support.stack import ENVELOPE, OMS, SOAP11
 

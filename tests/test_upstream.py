@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +23,7 @@ from gateway.demo.certs import DemoCerts
 from gateway.demo.mock.echo import pattern_chunks
 from gateway.demo.mock.server import MockUpstream, start_mock_upstream
 from gateway.proxy.upstream import HIGH_WATER, UpstreamFailed, UpstreamPool, UpstreamTimeout
+from tests.support.ports import free_port
 from tests.support.stack import OMS, SOAP11, StackFactory
 
 # --- a scripted raw upstream --------------------------------------------------------------------
@@ -530,9 +530,7 @@ async def test_a_streamed_request_body_respects_flow_control(env: Env) -> None:
 
 @on_both_loops
 async def test_a_refused_connection_fails_fast_and_frees_its_place(env: Env) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     pool = env.pool(f"http://127.0.0.1:{port}", size=1)
     for _ in range(3):  # the failed attempt does not keep the pool's only place
         with pytest.raises(UpstreamFailed) as failed:

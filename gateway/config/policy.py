@@ -20,19 +20,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Literal
 
 from gateway.config.access import AccessList, AccessRule, read_access_rule
 from gateway.config.openapi import ApiSpec, load_spec
-from gateway.config.settings import Settings, StoreErrorMode
+from gateway.config.settings import (
+    METHODS,
+    MODES,
+    STORE_ERROR_MODES,
+    Mode,
+    Settings,
+    StoreErrorMode,
+)
 from gateway.config.yamlread import Fields, Problems, compose, parse_duration
 from gateway.edge.identity import ClientIdentity, normalise_dn
 from gateway.errors import ConfigError
 from gateway.limiter.base import Rate
 from gateway.proxy.faults import unknown_message_fields
 
-Mode = Literal["enforce", "shadow"]
-_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 _MEMO_LIMIT = 50_000
 DEFAULT_MESSAGE = (
     "Acceptable Use Policy violation: {service} may be called at most once every {per} "
@@ -221,8 +225,8 @@ def _read_policy(f: Fields, settings: Settings, specs: Mapping[str, ApiSpec]) ->
         f.error("services", "must list at least one service pattern")
     methods = f.strings("methods") or None
     for method in methods or ():
-        if method not in _METHODS:
-            f.error("methods", f"{method!r} is not an HTTP method ({', '.join(_METHODS)})")
+        if method not in METHODS:
+            f.error("methods", f"{method!r} is not an HTTP method ({', '.join(METHODS)})")
     tags = _read_tags(f, app.name if app else None, app is not None and app.openapi is not None)
     spec = specs.get(app.name) if app else None
     if spec is not None:
@@ -238,9 +242,9 @@ def _read_policy(f: Fields, settings: Settings, specs: Mapping[str, ApiSpec]) ->
         rate=rate,
         methods=methods,
         tags=tags,
-        mode=f.choice("mode", ("enforce", "shadow"), "enforce"),  # type: ignore[arg-type]
+        mode=f.choice("mode", MODES, "enforce"),
         message=f.value("message", str, DEFAULT_MESSAGE, _check_template),
-        on_store_error=f.choice("on_store_error", ("local", "allow", "deny"), None),  # type: ignore[arg-type]
+        on_store_error=f.choice("on_store_error", STORE_ERROR_MODES, None),
         overrides=_read_overrides(f, rate),
         source=f"{f.file}:{f.line()}",
     )

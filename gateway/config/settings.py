@@ -13,19 +13,25 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 from urllib.parse import urlsplit
 
 from gateway.config.yamlread import Fields, Problems, compose, parse_duration, parse_size
+from gateway.edge.identity import IDENTITY_MODES, IdentityMode
+from gateway.proxy.faults import FAULT_CHOICES, FAULT_STATUSES, FaultChoice, FaultStatuses
 
-IdentityMode = Literal["subject", "fingerprint", "cn"]
 StoreErrorMode = Literal["local", "allow", "deny"]
+STORE_ERROR_MODES: tuple[StoreErrorMode, ...] = get_args(StoreErrorMode)
 Protocol = Literal["soap", "rest"]
-FaultShape = Literal["auto", "soap11", "soap12", "problem", "errorlist"]
+PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
+# enforce: a policy rejects calls over its limit; shadow: it only records that it would have.
 Mode = Literal["enforce", "shadow"]
-# binding: the SOAP bindings' statuses (SOAP 1.1: every fault 500, WS-I BP R1126; SOAP 1.2:
-# Sender 400, Receiver 500); http: the status that names the error (403, 404, 413, 429, 502, ...).
-FaultStatuses = Literal["binding", "http"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+TlsVersion = Literal["1.2", "1.3"]
+TLS_VERSIONS: tuple[TlsVersion, ...] = get_args(TlsVersion)
+# The HTTP methods a route or a policy may name.
+Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+METHODS: tuple[Method, ...] = get_args(Method)
 
 STORE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel")
 _APP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -34,7 +40,7 @@ _APP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 RESERVED_APPLICATION = "aup"
 # A Server header value: a product token, optionally "/version" (RFC 9110 section 10.2.4).
 _SERVER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}(/[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64})?$")
-_ROUTE = re.compile(r"^(GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) (/\S*)$")
+_ROUTE = re.compile(rf"^({'|'.join(METHODS)}) (/\S*)$")
 _ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 
@@ -50,7 +56,7 @@ class TlsSettings:
     key: Path
     client_ca: Path
     crl: Path | None = None
-    min_version: Literal["1.2", "1.3"] = "1.2"
+    min_version: TlsVersion = "1.2"
     ciphers: str | None = None
     reload_interval: float = 30.0
 
@@ -100,7 +106,7 @@ class Application:
     prefix: str = ""
     routes: tuple[Route, ...] = ()
     openapi: Path | None = None  # the spec whose operations are the routes (docs/openapi.md)
-    faults: FaultShape = "auto"
+    faults: FaultChoice = "auto"
     fault_status: int | None = None
     fault_statuses: FaultStatuses = "binding"
     max_body: int | None = None
@@ -208,7 +214,7 @@ def _read_settings(top: Fields, source: Path) -> Settings | None:
             key=path_of(sub, "key") or Path(),
             client_ca=path_of(sub, "client_ca") or Path(),
             crl=path_of(sub, "crl", required=False),
-            min_version=sub.choice("min_version", ("1.2", "1.3"), "1.2"),  # type: ignore[arg-type]
+            min_version=sub.choice("min_version", TLS_VERSIONS, "1.2"),
             ciphers=sub.value("ciphers", str, None),
             reload_interval=sub.converted("reload_interval", parse_duration, 30.0),
         )
@@ -282,12 +288,12 @@ def _read_settings(top: Fields, source: Path) -> Settings | None:
         source=source,
         tls=tls or TlsSettings(Path(), Path(), Path()),
         listen=listen,
-        identity=top.choice("identity", ("subject", "fingerprint", "cn"), "subject"),  # type: ignore[arg-type]
+        identity=top.choice("identity", IDENTITY_MODES, "subject"),
         store=store,
-        on_store_error=top.choice("on_store_error", ("local", "allow", "deny"), "local"),  # type: ignore[arg-type]
+        on_store_error=top.choice("on_store_error", STORE_ERROR_MODES, "local"),
         admin=admin,
         policies=base / top.value("policies", str, "policies"),
-        mode=top.choice("mode", ("enforce", "shadow"), "enforce"),  # type: ignore[arg-type]
+        mode=top.choice("mode", MODES, "enforce"),
         access_log=top.value("access_log", bool, True),
         ledger=ledger,
         limits=limits,
@@ -357,7 +363,7 @@ def _read_application(f: Fields, name: str, base: Path) -> Application | None:
     parts = urlsplit(upstream)
     if upstream and (parts.scheme not in ("http", "https") or not parts.hostname):
         f.error("upstream", f"must be an http:// or https:// URL, got {upstream!r}")
-    protocol = f.choice("protocol", ("soap", "rest"), "soap")
+    protocol = f.choice("protocol", PROTOCOLS, "soap")
     prefix = f.value("prefix", str, "")
     if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
         f.error("prefix", f"must start with '/' and not end with one, got {prefix!r}")
@@ -382,13 +388,13 @@ def _read_application(f: Fields, name: str, base: Path) -> Application | None:
     app = Application(
         name=name,
         upstream=upstream.rstrip("/"),
-        protocol=protocol,  # type: ignore[arg-type]
+        protocol=protocol,
         prefix=prefix,
         routes=tuple(routes),
         openapi=openapi,
-        faults=f.choice("faults", ("auto", "soap11", "soap12", "problem", "errorlist"), "auto"),  # type: ignore[arg-type]
+        faults=f.choice("faults", FAULT_CHOICES, "auto"),
         fault_status=f.value("fault_status", int, None, _status),
-        fault_statuses=f.choice("fault_statuses", ("binding", "http"), "binding"),  # type: ignore[arg-type]
+        fault_statuses=f.choice("fault_statuses", FAULT_STATUSES, "binding"),
         max_body=f.converted("max_body", parse_size, None),
         timeout=f.converted("timeout", parse_duration, 60.0),
         connect_timeout=f.converted("connect_timeout", parse_duration, 5.0),

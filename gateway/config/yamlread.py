@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import yaml
 
@@ -182,13 +182,16 @@ class Fields:
             return default
         return value
 
-    def choice(self, key: str, choices: tuple[str, ...], default: str = _MISSING) -> str:
-        return self.value(
+    def choice(self, key: str, options: tuple[T, ...], default: T = _MISSING) -> T:
+        """One of `options`, typed by them: pass `typing.get_args` of the set's `Literal`."""
+        listed = ", ".join(map(str, options))
+        text = self.value(
             key,
             str,
-            default,
-            lambda v: None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}",
+            cast(Any, default),
+            lambda v: None if v in options else f"must be one of {listed}, got {v!r}",
         )
+        return cast(T, text)
 
     def converted(self, key: str, convert: Callable[[str], T], default: T = _MISSING) -> T:
         """A string converted by `convert` (durations, sizes); its ValueError is the message."""

@@ -367,7 +367,7 @@ class GuardedHandler(RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("an answer was already started; closing instead")
         fault = faults.error_fault(
-            "problem",
+            faults.shape_for(None, ""),  # the request was not read: no content type to go by
             status=status,
             code=code,
             message=text,
@@ -465,7 +465,7 @@ def _classify(
 def _raw_response(server_name: str, status: int, code: ErrorCode, message: str) -> bytes:
     """A complete response written straight to the transport (no request object exists)."""
     fault = faults.error_fault(
-        "problem",
+        faults.shape_for(None, ""),  # no request was read: no content type to go by
         status=status,
         code=code,
         message=message,

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 IdentityMode = Literal["subject", "fingerprint", "cn"]
+IDENTITY_MODES: tuple[IdentityMode, ...] = get_args(IdentityMode)
 _SPLIT = re.compile(r"(?<!\\),")
 _CACHE_SIZE = 10_000
 

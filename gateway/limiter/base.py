@@ -10,6 +10,7 @@ The reference model (PRODUCT.md) for one key, with limit N, window W and the res
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -50,9 +51,23 @@ class KeyState:
 
 
 class Limiter(Protocol):
-    """What every limiter backend provides. `now` is for tests and for the memory store."""
+    """What every limiter backend provides, and all that its callers use. `now` is for tests
+    and for the memory store."""
 
     name: str
+    # True when every gateway process shares the counters (Redis): a policy holds across
+    # replicas and workers. False: this process only (memory), so there is nothing to warm up,
+    # probe or reconcile, and `--workers` would multiply every limit.
+    shared: bool
+
+    async def start(self) -> None:
+        """Warm the store up (load scripts, connect); raises StoreUnavailable if it cannot."""
+
+    async def ping(self) -> None:
+        """One round trip to the store; raises StoreUnavailable when it does not answer."""
+
+    def status(self) -> Mapping[str, object]:
+        """The readiness view, JSON-ready: at least `store` (the name) and `state`."""
 
     async def decide(self, key: str, rate: Rate, now: float | None = None) -> Decision: ...
 

@@ -31,8 +31,8 @@ time it connects, so after a failover the next connection goes to the promoted r
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
@@ -46,6 +46,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
+from gateway.clock import Clock, wall_clock
 from gateway.config.settings import StoreErrorMode, StoreSettings
 from gateway.errors import ConfigError
 from gateway.limiter.base import Limiter
@@ -53,7 +54,6 @@ from gateway.limiter.fallback import ResilientLimiter
 from gateway.limiter.memory import MemoryLimiter
 from gateway.limiter.redis import Pipeline, RedisLimiter, Target
 
-Clock = Callable[[], float]
 # A builder makes the primary limiter for one URL and names it without credentials (for logs).
 Builder = Callable[[StoreSettings, SplitResult, Clock], tuple[Limiter, str]]
 
@@ -82,22 +82,14 @@ _TLS_OPTIONS = (
 def limiter_from_url(
     store: StoreSettings,
     on_store_error: StoreErrorMode = "local",
-    clock: Clock = time.time,
+    clock: Clock = wall_clock,
 ) -> ResilientLimiter:
     """The limiter for `store.url`, wrapped so that store outages follow `on_store_error`.
 
     Nothing is connected yet: call `start()` (never fails; warms the store up) and `close()`.
     Raises ConfigError for a URL it cannot use.
     """
-    try:
-        parts = urlsplit(store.url)
-    except ValueError as exc:
-        raise ConfigError([f"store: invalid URL {store.url!r}: {exc}"]) from exc
-    builder = _BUILDERS.get(parts.scheme)
-    if builder is None:
-        known = ", ".join(f"{s}://" for s in _BUILDERS)
-        raise ConfigError([f"store: unsupported URL scheme {parts.scheme!r} (use {known})"])
-    primary, label = builder(store, parts, clock)
+    primary, label = _primary(store, clock)
     fallback = primary if isinstance(primary, MemoryLimiter) else MemoryLimiter(clock)
     return ResilientLimiter(
         primary,
@@ -109,6 +101,40 @@ def limiter_from_url(
         # A call that finds a probe in flight waits for it at most as long as the probe can take.
         probe_wait=store.timeout + store.connect_timeout,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class StoreClient:
+    """A Redis client on the store's URL for another writer to the same store (the ledger's
+    streams), with the name to log it by and what closes it."""
+
+    client: Redis | RedisCluster
+    label: str
+    close: Callable[[], Awaitable[None]]
+
+
+def redis_client_from_url(store: StoreSettings) -> StoreClient:
+    """A client for `store.url`, read exactly as the limiter reads it (one parser for every
+    scheme, Sentinel and Cluster included), with a pool of its own sized by `store`.
+
+    Raises ConfigError for a URL it cannot use, or one that names no Redis (memory://).
+    """
+    primary, label = _primary(store, wall_clock)
+    if not isinstance(primary, RedisLimiter):
+        raise ConfigError([f"store: {label} has no Redis client"])
+    return StoreClient(primary.client, label, primary.close)
+
+
+def _primary(store: StoreSettings, clock: Clock) -> tuple[Limiter, str]:
+    try:
+        parts = urlsplit(store.url)
+    except ValueError as exc:
+        raise ConfigError([f"store: invalid URL {store.url!r}: {exc}"]) from exc
+    builder = _BUILDERS.get(parts.scheme)
+    if builder is None:
+        known = ", ".join(f"{s}://" for s in _BUILDERS)
+        raise ConfigError([f"store: unsupported URL scheme {parts.scheme!r} (use {known})"])
+    return builder(store, parts, clock)
 
 
 def _memory(store: StoreSettings, parts: SplitResult, clock: Clock) -> tuple[Limiter, str]:

@@ -32,19 +32,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Literal, TypeVar, get_args
 
+from gateway.clock import Clock, wall_clock
+from gateway.config.settings import StoreErrorMode
 from gateway.errors import StoreUnavailable
 from gateway.limiter.base import Decision, KeyLister, KeyState, Limiter, Rate
 from gateway.limiter.lockcache import LockCache
 from gateway.limiter.memory import MemoryLimiter
 
-if TYPE_CHECKING:
-    from gateway.config.settings import StoreErrorMode
-
 StoreState = Literal["ok", "fallback"]
-Source = Literal["store", "cache", "local", "allow", "deny"]
-DEGRADED: frozenset[Source] = frozenset({"local", "allow", "deny"})  # decided without the store
+Source = Literal["store", "cache", StoreErrorMode]
+DEGRADED: frozenset[Source] = frozenset(get_args(StoreErrorMode))  # decided without the store
 _T = TypeVar("_T")
 
 # Every way a store call can fail that the fallback covers. TimeoutError and ConnectionError are
@@ -66,11 +65,6 @@ class Excess:
     store_time: float
 
 
-@runtime_checkable
-class _Startable(Protocol):
-    async def start(self) -> None: ...
-
-
 class ResilientLimiter:
     """A Limiter that keeps deciding through store outages and says when it does.
 
@@ -89,19 +83,20 @@ class ResilientLimiter:
         mode: StoreErrorMode = "local",
         cooldown: float = 1.0,
         fallback: MemoryLimiter | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = wall_clock,
         monotonic: Callable[[], float] = time.monotonic,
         label: str | None = None,
         logger: logging.Logger | None = None,
         probe_wait: float = 0.3,
     ) -> None:
         self.name = primary.name
+        self.shared = primary.shared
         self.primary = primary
         self.mode: StoreErrorMode = mode
         self.cooldown = cooldown
         self.fallback = fallback if fallback is not None else MemoryLimiter(clock)
         # A remote store's locked keys are answered locally until their lock ends (lockcache.py).
-        self.locks = LockCache(monotonic) if not isinstance(primary, MemoryLimiter) else None
+        self.locks = LockCache(monotonic) if primary.shared else None
         self._retries: set[asyncio.Task[Decision | None]] = set()
         self.label = label or primary.name
         self._clock = clock
@@ -150,9 +145,10 @@ class ResilientLimiter:
     async def start(self) -> None:
         """Warm the store up (load scripts, open a connection) if it can, and start the
         background prober; never fails."""
-        if isinstance(self.primary, _Startable):
-            await self._via_store(self.primary.start)
-        if self._prober is None and not isinstance(self.primary, MemoryLimiter):
+        if not self.primary.shared:
+            return  # a process's own memory: nothing to warm up, nothing to probe
+        await self._via_store(self.primary.start)
+        if self._prober is None:
             self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
 
     async def _probe_forever(self) -> None:
@@ -238,9 +234,7 @@ class ResilientLimiter:
         reaches the store before the outage's calls are in it."""
         try:
             self.store_calls += 1
-            ping = getattr(self.primary, "ping", None)
-            if ping is not None:
-                await ping()
+            await self.primary.ping()
             await self._reconcile()
         except _STORE_ERRORS as exc:
             self._failed(exc)
@@ -302,6 +296,10 @@ class ResilientLimiter:
         readiness checks call this, so an idle gateway notices that the store is back)."""
         if self._admit() == "probe":
             await self._probe()
+
+    async def ping(self) -> None:
+        """One round trip to the store itself (not through the breaker)."""
+        await self.primary.ping()
 
     async def peek(self, key: str, rate: Rate, now: float | None = None) -> KeyState:
         """The store's view of the key, or the local fallback's while the store is away."""

@@ -7,11 +7,10 @@ decision stays flat however many keys are live.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.clock import Clock, wall_clock
 from gateway.limiter.base import Decision, KeyState, Rate
 
 _SWEEP_PER_CALL = 4
@@ -41,8 +40,9 @@ class MemoryLimiter:
     """Exact for one process. The clock is injectable; `now` overrides it per call."""
 
     name = "memory"
+    shared = False
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Clock = wall_clock) -> None:
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
 
@@ -117,6 +117,15 @@ class MemoryLimiter:
 
     async def close(self) -> None:
         self._entries.clear()
+
+    async def start(self) -> None:
+        """Nothing to warm up: the state is this process's memory."""
+
+    async def ping(self) -> None:
+        """Always answers: the state is this process's memory."""
+
+    def status(self) -> dict[str, object]:
+        return {"store": self.name, "state": "ok"}
 
     def drain(self, t: float) -> list[LocalState]:
         """Take every key that still affects a decision at `t` out of this limiter (the store's

@@ -38,9 +38,15 @@ _Arg = int | str
 _T = TypeVar("_T")
 
 
+def lua_source(name: str) -> str:
+    """The source of a Lua script in gateway/limiter/lua/, where every script the gateway runs
+    in Redis lives (the limiter's, and the ledger's writes)."""
+    return files("gateway.limiter").joinpath("lua", name).read_text(encoding="utf-8")
+
+
 def _script(name: str) -> tuple[str, str]:
     """A script's source and the SHA1 that Redis will know it by."""
-    source = files("gateway.limiter").joinpath("lua", name).read_text(encoding="utf-8")
+    source = lua_source(name)
     return source, hashlib.sha1(source.encode("utf-8")).hexdigest()
 
 
@@ -267,6 +273,7 @@ class RedisLimiter:
     """
 
     name = "redis"
+    shared = True
 
     def __init__(
         self,
@@ -374,6 +381,10 @@ class RedisLimiter:
             return found
 
         return await self._call(scan)
+
+    def status(self) -> dict[str, object]:
+        """This backend alone does not watch the store: ResilientLimiter's status does."""
+        return {"store": self.name, "state": "ok"}
 
     async def close(self) -> None:
         if self._pipeline is not None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-import time
 from collections import Counter as Tally
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.clock import wall_clock
 from gateway.config.policy import Policy, PolicySet
 from gateway.config.settings import Application
 from gateway.edge.identity import ClientIdentity, normalise_dn
@@ -52,6 +52,7 @@ from gateway.ops.history import History
 from gateway.ops.ledger import LedgerEntry, LedgerWriter, Query, parse_since, support_entry
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ops.reload import PolicyReloader
+from gateway.outcome import VIOLATIONS
 from gateway.proxy.status import key_view, method_for
 
 if TYPE_CHECKING:  # the admin side reads the gateway; only the server builds it
@@ -75,12 +76,11 @@ class AdminState:
     ledger: LedgerWriter
     worker: int = 0
     draining: bool = False
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=wall_clock)
     history: History | None = None  # per-minute series of the last hour, for the ops page
 
     def store_status(self) -> dict[str, Any] | None:
-        status = getattr(self.gateway.limiter, "status", None)
-        return dict(status()) if callable(status) else None
+        return dict(self.gateway.limiter.status())
 
 
 STATE = web.AppKey("state", AdminState)
@@ -399,7 +399,7 @@ async def clear_key(request: web.Request) -> web.Response:
             named.application.name,
             named.service,
             f"admin:{peer}",
-            time.time(),
+            state.gateway.clock(),
             reason,
         )
     )
@@ -482,7 +482,7 @@ def ops_view(state: AdminState, entries: list[LedgerEntry], window: float) -> di
     cells: dict[tuple[str, str, str], dict[str, Any]] = {}
     offenders: Tally[str] = Tally()
     names: dict[str, str] = {}
-    violations = [e for e in entries if e.decision in ("rejected", "shadow")]
+    violations = [e for e in entries if e.decision in VIOLATIONS]
     for entry in violations:  # newest first
         who = entry.identity or entry.cn
         names.setdefault(who, entry.cn or who)
@@ -505,7 +505,7 @@ def ops_view(state: AdminState, entries: list[LedgerEntry], window: float) -> di
         offenders[who] += entry.count
     current = state.gateway.policies
     return {
-        "now": time.time(),
+        "now": state.gateway.clock(),
         "window": window,
         "worker": state.worker,
         "mode": state.gateway.settings.mode,
@@ -575,7 +575,7 @@ async def participant_data(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "identity": identity,
-            "now": time.time(),
+            "now": state.gateway.clock(),
             "where": state.ledger.sink.where,
             "episodes": [e.as_dict() for e in entries],
             "live": live,

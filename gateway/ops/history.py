@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 from prometheus_client import Counter as PromCounter
 
+from gateway.clock import Clock, wall_clock
 from gateway.ops.metrics import GatewayMetrics
 
 log = logging.getLogger("gateway.history")
@@ -49,7 +49,7 @@ class History:
         metrics: GatewayMetrics,
         store_status: Callable[[], Mapping[str, Any] | None],
         step: float = 5.0,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = wall_clock,
     ) -> None:
         self._metrics = metrics
         self._store_status = store_status

@@ -51,18 +51,19 @@ import json
 import logging
 import os
 import sys
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO, cast
 from urllib.parse import urlsplit
 
-from gateway.config.settings import IdentityMode, LedgerSettings, Settings
+from gateway.clock import Clock, wall_clock
+from gateway.config.settings import LedgerSettings, Settings
 from gateway.config.yamlread import parse_duration
-from gateway.edge.identity import normalise_dn
-from gateway.errors import ConfigError
+from gateway.edge.identity import IdentityMode, normalise_dn
+from gateway.limiter.redis import lua_source
+from gateway.outcome import VIOLATIONS, Violation
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis, RedisCluster
@@ -72,7 +73,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.ledger")
 shadow_log = logging.getLogger("gateway.shadow")
-RECORDED = frozenset({"rejected", "shadow"})
 MAX_PENDING = 100_000  # final episodes waiting to be written
 MAX_OPEN = 200_000  # open episodes held in memory; past it the oldest is ended early
 # A crashed writer's open episode is written final by the next writer this long after its end
@@ -82,42 +82,9 @@ _COMPACT_MIN = 10_000
 _DEFAULTS = LedgerSettings()
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 Format = Literal["table", "json", "jsonl", "csv"]
-
-# One call writes a batch. ARGV: retention ms, per-identity bound, stream key prefix, then per
-# entry: kind ("o" open, "f" final), episode id, identity, JSON. Returns {identity, evicted, ...}
-# for identities whose bound dropped episodes.
-_WRITE_SCRIPT = """
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local retention = tonumber(ARGV[1])
-local bound = tonumber(ARGV[2])
-local minid = now_ms - retention
-local evicted = {}
-for i = 4, #ARGV, 4 do
-  local kind, id, who, e = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  if kind == 'o' then
-    redis.call('HSET', KEYS[1], id, e)
-  else
-    local s = ARGV[3] .. who
-    redis.call('XADD', s, '*', 'e', e)
-    redis.call('HDEL', KEYS[1], id)
-    redis.call('ZADD', KEYS[2], now_ms, who)
-    redis.call('XTRIM', s, 'MINID', minid)
-    local dropped = redis.call('XTRIM', s, 'MAXLEN', bound)
-    if dropped > 0 then
-      evicted[who] = (evicted[who] or 0) + dropped
-    end
-    redis.call('PEXPIRE', s, retention)
-  end
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', minid)
-local out = {}
-for who, n in pairs(evicted) do
-  out[#out + 1] = who
-  out[#out + 1] = n
-end
-return out
-"""
+# What an entry records: a violation episode (rejected | shadow), a support action (cleared) or
+# calls the local fallback let past a policy during a store outage (excess, reconciliation).
+LedgerDecision = Literal[Violation, "cleared", "excess"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +93,7 @@ class LedgerEntry:
     `ends_at` are on the store's clock, `time` is the writer's wall clock at this write."""
 
     id: str  # the episode: its first fault's request id (support actions: admin:<peer>:...)
-    decision: str  # rejected | shadow | cleared (a support action) | excess (reconciliation)
+    decision: LedgerDecision
     identity: str  # what the limiter keyed on: the subject DN, fingerprint or CN
     subject: str
     cn: str
@@ -187,7 +154,7 @@ class _Open:
     def __init__(self, outcome: Outcome, wall: float) -> None:
         t = outcome.store_time
         self.id = outcome.request_id
-        self.decision = outcome.decision
+        self.decision = cast("Violation", outcome.decision)  # observe() admits only these
         self.outcome = outcome  # the first call: who, what, the first request id
         self.first = self.last = t
         self.ends_at = t + outcome.retry_after
@@ -429,7 +396,7 @@ class FileSink:
             self._lines, self._finals = 0, {}
             return {}
         kept = _latest(self._entries())
-        cutoff = time.time() - self.retention
+        cutoff = wall_clock() - self.retention
         kept = [e for e in kept if e.time >= cutoff]
         evicted: dict[str, int] = {}
         by_identity: dict[str, list[LedgerEntry]] = {}
@@ -472,7 +439,7 @@ class FileSink:
 
     async def recent(self, seconds: float, limit: int) -> list[LedgerEntry]:
         return await asyncio.to_thread(
-            lambda: _newest(_latest(self._entries()), time.time() - seconds, limit)
+            lambda: _newest(_latest(self._entries()), wall_clock() - seconds, limit)
         )
 
     async def stale(self, before: float) -> list[LedgerEntry]:
@@ -510,7 +477,7 @@ class StreamSink:
         self.retention = retention
         self.max_per_identity = max_per_identity
         self.where = f"{where} {base}"
-        self._write_script = client.register_script(_WRITE_SCRIPT)
+        self._write_script = client.register_script(lua_source("ledger_write.lua"))
 
     def stream_key(self, identity: str) -> str:
         return self.stream_prefix + identity
@@ -556,7 +523,7 @@ class StreamSink:
         return query.select(await self._all(query.since))
 
     async def recent(self, seconds: float, limit: int) -> list[LedgerEntry]:
-        cutoff = time.time() - seconds
+        cutoff = wall_clock() - seconds
         return _newest(_latest(await self._all(cutoff)), cutoff, limit)
 
     async def stale(self, before: float) -> list[LedgerEntry]:
@@ -594,7 +561,7 @@ class LedgerWriter:
         flush_interval: float = _DEFAULTS.flush_interval,
         max_pending: int = MAX_PENDING,
         max_open: int = MAX_OPEN,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = wall_clock,
     ) -> None:
         self.sink = sink
         self._mode = mode
@@ -619,7 +586,7 @@ class LedgerWriter:
 
     def observe(self, outcome: Outcome) -> None:
         """The per-call observer: a rejection or shadow hit joins its key's open episode."""
-        if outcome.decision not in RECORDED:
+        if outcome.decision not in VIOLATIONS:
             return
         wall = self._clock()
         key = (outcome.key, outcome.policy)
@@ -799,9 +766,12 @@ class LedgerWriter:
                 log.exception("ledger: flush failed")
 
 
-def ledger_writer(settings: Settings) -> LedgerWriter:
+def ledger_writer(settings: Settings, clock: Clock = wall_clock) -> LedgerWriter:
     return LedgerWriter(
-        ledger_sink(settings), settings.identity, flush_interval=settings.ledger.flush_interval
+        ledger_sink(settings),
+        settings.identity,
+        flush_interval=settings.ledger.flush_interval,
+        clock=clock,
     )
 
 
@@ -818,19 +788,13 @@ def ledger_sink(settings: Settings) -> LedgerSink:
     ledger = settings.ledger
     if urlsplit(settings.store.url).scheme == "memory":
         return FileSink(ledger_path(settings), ledger.retention, ledger.max_per_identity)
-    from gateway.limiter.factory import limiter_from_url
-    from gateway.limiter.redis import RedisLimiter
+    from gateway.limiter.factory import redis_client_from_url
 
-    # The store URL is read exactly as the limiter reads it (one parser for every scheme), but
-    # into a pool of its own, with timeouts made for background writes rather than decisions.
+    # A pool of its own, with timeouts made for background writes rather than decisions.
     store = dataclasses.replace(settings.store, timeout=2.0, connect_timeout=1.0, pool_size=4)
-    owner = limiter_from_url(store)
-    if not isinstance(owner.primary, RedisLimiter):
-        raise ConfigError(
-            [f"{settings.source}:1: store: {owner.label} has no Redis client for the ledger stream"]
-        )
+    owner = redis_client_from_url(store)
     return StreamSink(
-        owner.primary.client,
+        owner.client,
         settings.store.key_prefix,
         owner.label,
         ledger.retention,
@@ -841,7 +805,7 @@ def ledger_sink(settings: Settings) -> LedgerSink:
 
 def parse_since(text: str, now: float | None = None) -> float:
     """`1h`, `30m`, `90s`, `7d` (ago) or an ISO 8601 time (UTC when it names no zone) -> epoch."""
-    now = time.time() if now is None else now
+    now = wall_clock() if now is None else now
     try:
         return now - parse_duration(text)
     except ValueError:

@@ -21,12 +21,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.outcome import VIOLATIONS
+
 if TYPE_CHECKING:
     from gateway.outcome import Outcome
 
 MAX_SERIES = 5_000  # per metric; new label sets past this go to service="_other"
 OTHER = "_other"
-VIOLATIONS = frozenset({"rejected", "shadow"})
 # A limiter decision is tens of microseconds in memory and a few hundred over loopback Redis.
 STORE_BUCKETS = (
     0.00005,

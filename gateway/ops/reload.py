@@ -116,7 +116,7 @@ class PolicyReloader:
         current = self.gateway.policies
         self._seen = policy_digest(self.gateway.settings)
         self.last = self.last_ok = ReloadResult(
-            0, True, "start", time.time(), current.version, "", _names(current)
+            0, True, "start", self.gateway.clock(), current.version, "", _names(current)
         )
 
     async def reload(self, reason: Reason = "admin") -> ReloadResult:
@@ -133,7 +133,7 @@ class PolicyReloader:
                     seq,
                     True,
                     reason,
-                    time.time(),
+                    self.gateway.clock(),
                     loaded.version,
                     previous.version,
                     _names(loaded),
@@ -158,7 +158,7 @@ class PolicyReloader:
                     seq,
                     False,
                     reason,
-                    time.time(),
+                    self.gateway.clock(),
                     previous.version,
                     previous.version,
                     _names(previous),

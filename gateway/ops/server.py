@@ -28,6 +28,7 @@ from typing import cast
 
 from aiohttp import web
 
+from gateway.clock import Clock, wall_clock
 from gateway.config.settings import Settings
 from gateway.edge.connection import GuardedServer
 from gateway.edge.tls import ReloadingContext, TlsSite
@@ -96,10 +97,10 @@ class Running:
         await self.gateway.close()
 
 
-def make_limiter(settings: Settings) -> Limiter:
+def make_limiter(settings: Settings, clock: Clock = wall_clock) -> Limiter:
     from gateway.limiter.factory import limiter_from_url
 
-    return limiter_from_url(settings.store, settings.on_store_error, time.time)
+    return limiter_from_url(settings.store, settings.on_store_error, clock)
 
 
 async def start(
@@ -109,20 +110,22 @@ async def start(
     reuse_port: bool = False,
     worker: int = 0,
     reload_interval: float = 1.0,
+    clock: Clock = wall_clock,
 ) -> Running:
-    """Bind the listeners; ports 0 in settings pick free ports (see Running.port)."""
-    gateway = Gateway(settings, limiter if limiter is not None else make_limiter(settings))
+    """Bind the listeners; ports 0 in settings pick free ports (see Running.port). `clock` is
+    the wall clock every part reads (the limiter's, when it is made here)."""
+    gateway = Gateway(
+        settings, limiter if limiter is not None else make_limiter(settings, clock), clock=clock
+    )
     await gateway.start()
-    warm_up = getattr(gateway.limiter, "start", None)
-    if callable(warm_up):  # ResilientLimiter: load scripts now; never fails
-        await warm_up()
+    await gateway.limiter.start()  # load scripts now; never fails (ResilientLimiter)
     metrics = GatewayMetrics()
-    ledger = ledger_writer(settings)
+    ledger = ledger_writer(settings, clock)
     reloader = PolicyReloader(
         gateway, reload_interval, on_result=lambda result: metrics.reload_result(result.ok)
     )
     ops = AdminState(gateway, metrics, reloader, ledger, worker)
-    ops.history = History(metrics, ops.store_status)  # the ops page's last hour
+    ops.history = History(metrics, ops.store_status, clock=clock)  # the ops page's last hour
     metrics.add_state(
         StateSources(
             store=ops.store_status,
@@ -134,9 +137,7 @@ async def start(
     # Observers run after every call, in order: access log (if on), metrics, ledger queue.
     gateway.observers.extend([metrics.observe, ledger.observe])
     # Keys the local fallback let past their policy, found when the store returns.
-    gateway.limiter.on_excess.append(
-        lambda excess: ledger.record(excess_entry(excess, time.time()))
-    )
+    gateway.limiter.on_excess.append(lambda excess: ledger.record(excess_entry(excess, clock())))
     limits = settings.limits
     server = GuardedServer(  # adds read/send deadlines and the per-identity connection cap
         gateway.handle,

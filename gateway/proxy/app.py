@@ -12,6 +12,7 @@ middlewares or signals, and skipping them is measurably cheaper per request.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 
 from aiohttp import hdrs, web
 
+from gateway.clock import Clock, wall_clock
 from gateway.config.policy import Policy, PolicySet, load_policies
 from gateway.config.settings import RESERVED_APPLICATION, Application, Settings
 from gateway.edge.connection import CONTINUED, expects_continue, send_continue
@@ -46,8 +48,10 @@ class Gateway:
         settings: Settings,
         limiter: Limiter,
         policies: PolicySet | None = None,
+        clock: Clock = wall_clock,
     ) -> None:
         self.settings = settings
+        self.clock = clock  # the wall clock for the data plane: the server passes it in
         self.router = Router(settings)
         self.policies = policies if policies is not None else load_policies(settings)
         # Always behind the store-failure policy, so a policy's own on_store_error applies.
@@ -63,7 +67,9 @@ class Gateway:
         self.status = StatusService()  # /aup/v1/status and its SOAP form: never a call
         # Called with every finished call's Outcome: access log, metrics, ledger. They must
         # not block; anything slow is queued by the observer itself.
-        self.observers: list[Observer] = [log_access] if settings.access_log else []
+        self.observers: list[Observer] = (
+            [functools.partial(log_access, clock=clock)] if settings.access_log else []
+        )
 
     async def start(self) -> None:
         await self.upstreams.start()
@@ -286,16 +292,8 @@ class Gateway:
         message: str,
         retry_after: float | None = None,
     ) -> web.Response:
-        if app is not None:
-            shape = faults.shape_for(app, content_type)
-        elif "soap+xml" in content_type:
-            shape = "soap12"
-        elif "xml" in content_type:
-            shape = "soap11"
-        else:
-            shape = "problem"
         fault = faults.error_fault(
-            shape,
+            faults.shape_for(app, content_type),
             status=status,
             code=code,
             message=message,
@@ -304,6 +302,7 @@ class Gateway:
             request_id=outcome.request_id,
             retry_after=retry_after,
             statuses=app.fault_statuses if app is not None else "binding",
+            now=self.clock(),
         )
         return self._respond(fault, outcome)
 
@@ -325,13 +324,13 @@ def request_ids() -> Iterator[str]:
         yield template.format((n & 0xFFFFFFFFFFFF) ^ mask)
 
 
-def log_access(outcome: Outcome) -> None:
+def log_access(outcome: Outcome, clock: Clock = wall_clock) -> None:
     """One JSON line per call (`access_log: false` turns it off, e.g. for benchmarks)."""
     identity = outcome.identity
     access_log.info(
         json.dumps(
             {
-                "time": round(time.time(), 3),
+                "time": round(clock(), 3),
                 "request_id": outcome.request_id,
                 "cn": identity.cn if identity else None,
                 "identity": identity.subject if identity else None,

@@ -32,17 +32,26 @@ import functools
 import json
 import math
 import re
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
-from gateway.config.settings import Application, FaultStatuses
+from gateway.clock import wall_clock
 from gateway.errors import ErrorCode
-from gateway.limiter.base import Decision, Rate
+
+if TYPE_CHECKING:  # only for types: the settings read these shapes from here
+    from gateway.config.settings import Application
+    from gateway.limiter.base import Decision, Rate
 
 FaultShape = Literal["soap11", "soap12", "problem", "errorlist"]
+# An application's `faults:` setting: a shape, or auto (chosen per request by `shape_for`).
+FaultChoice = Literal["auto", FaultShape]
+FAULT_CHOICES: tuple[FaultChoice, ...] = get_args(FaultChoice)
+# binding: the SOAP bindings' statuses (SOAP 1.1: every fault 500, WS-I BP R1126; SOAP 1.2:
+# Sender 400, Receiver 500); http: the status that names the error (403, 404, 413, 429, 502, ...).
+FaultStatuses = Literal["binding", "http"]
+FAULT_STATUSES: tuple[FaultStatuses, ...] = get_args(FaultStatuses)
 
 SOAP11_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 SOAP12_NS = "http://www.w3.org/2003/05/soap-envelope"
@@ -454,7 +463,7 @@ def error_fault(
             code=code,
             message=message,
             request_id=request_id,
-            created=time.time() if now is None else now,
+            created=wall_clock() if now is None else now,
             retry_after=wait,
             policy_name=None,
             service=service,
@@ -554,7 +563,7 @@ class ViolationFaults:
                 policy_name,
                 message_template,
                 rate,
-                Decision(False, float(wait), 0, decision.reset_after, 0.0),
+                replace(decision, allowed=False, retry_after=float(wait), remaining=0, now=0.0),
                 application,
                 service,
                 _ID_MARK,

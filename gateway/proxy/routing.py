@@ -23,11 +23,10 @@ from dataclasses import dataclass, replace
 from urllib.parse import unquote_to_bytes
 
 from gateway.config.openapi import ApiSpec, template_pattern
-from gateway.config.settings import Application, Settings
+from gateway.config.settings import METHODS, Application, Settings
 from gateway.errors import ErrorCode
 from gateway.proxy.xmlsafe import BodySniffer, MalformedXml, UnsafeXml
 
-METHODS = frozenset(("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"))
 # How much of a body may be read to find the service in it: room for a WS-Security header.
 SNIFF_LIMIT = 64 * 1024
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 import ssl
 import subprocess
 import sys
@@ -83,24 +82,6 @@ async def restart_with(stack: Stack, limiter: Limiter | None = None, **changes: 
     admin token, which the stack's YAML cannot take twice). The caller stops it."""
     settings = dataclasses.replace(load_settings(stack.folder / "gateway.yaml"), **changes)
     return await start(settings, limiter=limiter)
-
-
-def free_port(consecutive: int = 1) -> int:
-    """A free TCP port on 127.0.0.1 (the first of `consecutive` free ones)."""
-    for _ in range(200):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port + consecutive > 65535:
-            continue
-        try:
-            for offset in range(1, consecutive):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port + offset))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free ports")
 
 
 def write_gateway(

@@ -24,14 +24,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.support.ports import free_port
 from tests.support.tools import require
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True)
@@ -61,7 +55,7 @@ class RedisServer:
         self.executable = executable
         self.folder = folder
         self.tls = tls
-        self.port = _free_port()
+        self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -30,6 +30,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from tests.support.ports import free_port
 from tests.support.redis import redis_executable
 from tests.support.tools import require
 
@@ -48,13 +49,6 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def cluster_port(taken: Sequence[int] = ()) -> int:

@@ -36,7 +36,7 @@ import aiohttp
 import pytest
 
 from gateway.demo.certs import DemoCerts
-from tests.support.redis_cluster import free_port
+from tests.support.ports import free_port
 from tests.support.stack import ENVELOPE, SOAP11
 
 ROOT = Path(__file__).resolve().parents[2]
