@@ -1,6 +1,8 @@
 """What a client whose certificate is refused sees, through the real gateway, with real clients
-(`openssl s_client`, curl, Python's ssl) on TLS 1.2 and TLS 1.3; and that a TLS session
-resumed after a revocation or a CA change gets nothing.
+(`openssl s_client`, curl, Python's ssl) on TLS 1.2 and TLS 1.3; that a TLS session
+resumed after a revocation or a CA change gets nothing; and that a TLS 1.3 client still
+writing its request after the alert reads the alert, within bounds (TlsSite on asyncio and
+uvloop).
 
 Every refusal must name its reason (the TLS alert, or for a missing certificate an HTTP fault),
 never look like an outage (an empty reply or a reset), and never reach the upstream, which
@@ -10,18 +12,29 @@ records everything it receives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
+import select
 import socket
 import ssl
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.config.settings import TlsSettings
 from gateway.demo.certs import DemoCerts, bundle_path, write_demo_certs
+from gateway.edge.tls import LINGER_BYTES, HandshakeRefused, ReloadingContext, TlsSite
 from tests.support import recording
 from tests.support.recording import Seen, exchange
 from tests.support.stack import Stack, StackFactory
@@ -328,3 +341,205 @@ async def test_a_revoked_certificate_cannot_come_back_through_its_saved_session(
     assert reused is False
     assert type(result) is ssl.SSLError and alert in str(result), result
     assert len(seen) == 1  # the first call only
+
+
+# --- a TLS 1.3 client that writes before it reads: the alert, within bounds -------------------
+#
+# Its handshake is over before the server has checked its certificate, so it writes its
+# request while the alert is on its way. Were the connection closed on those bytes, its next
+# writes would meet a reset, and a reset makes its kernel drop the unread alert: it would see
+# "connection reset" or "broken pipe" (JAX-WS: "Error writing to server") and not the reason.
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+@dataclass
+class Refusing:
+    """A TlsSite as the gateway runs it (a context per connection), behind an app that records
+    every request that reaches it."""
+
+    port: int = 0
+    refused: list[HandshakeRefused] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+
+    async def refusal(self) -> HandshakeRefused:
+        for _ in range(2000):
+            if self.refused:
+                return self.refused.pop(0)
+            await asyncio.sleep(0.01)
+        raise AssertionError("the server did not report the refusal")
+
+
+@contextlib.asynccontextmanager
+async def refusing_site(
+    certs: DemoCerts, *, linger: float, handshake_timeout: float
+) -> AsyncIterator[Refusing]:
+    site_state = Refusing()
+
+    async def record(request: web.Request) -> web.Response:
+        site_state.requests.append(request.path)
+        return web.Response(text="answered")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        tls = TlsSettings(
+            cert=certs.server, key=certs.server_key, client_ca=certs.ca, crl=certs.crl
+        )
+        site = TlsSite(
+            runner,
+            "127.0.0.1",
+            0,
+            ReloadingContext(tls).handshake_context,
+            handshake_timeout=handshake_timeout,
+            linger=linger,
+            on_refused=site_state.refused.append,
+        )
+        await site.start()
+        site_state.port = site.port
+        yield site_state
+    finally:
+        await runner.cleanup()
+
+
+def on_loop(loop: str, scenario: Coroutine[Any, Any, None]) -> None:
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(asyncio.wait_for(scenario, 60))
+
+
+PAUSED_WRITES = 16  # the first writes only: the cut-off test sends 64 MiB
+
+
+def tls13_expired(certs: DemoCerts) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    context.load_cert_chain(*certs.bad["expired"])
+    context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_3
+    return context
+
+
+def write_then_read(port: int, context: ssl.SSLContext, body: int) -> tuple[int, bytes | OSError]:
+    """Handshake, wait until the alert is on its way back, POST a `body`-byte request in 16 KiB
+    writes, then read: (body bytes written, what the read returned or the error that ended
+    the exchange). Each write lets the server see the one before (a short pause, so that the
+    writes go on after the server has dealt with the first: what a client on a real network
+    does); that is what a connection closed on the first bytes after the alert would reset."""
+    written = 0
+    chunk = b"x" * 16384
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=20) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            readable, _, _ = select.select([tls], [], [], 20)
+            assert readable, "no alert within 20 s"
+            tls.sendall(
+                f"POST {OMS_SUBMIT} HTTP/1.1\r\nHost: localhost\r\n"
+                f"Content-Length: {body}\r\n\r\n".encode()
+            )
+            while written < body:
+                tls.sendall(chunk[: body - written])
+                written += min(len(chunk), body - written)
+                if written < PAUSED_WRITES * len(chunk):
+                    time.sleep(0.005)
+            return written, tls.recv(65536)
+    except OSError as exc:  # ssl.SSLError, ConnectionResetError, BrokenPipeError, ...
+        return written, exc
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_client_writing_its_request_after_the_alert_reads_the_alert(
+    certs: DemoCerts, loop: str
+) -> None:
+    """200 KiB of request after the handshake, then a read: the alert, not a reset; nothing of
+    it reaches the app, and the refusal keeps its reason."""
+
+    async def scenario() -> None:
+        # linger well above what 200 KiB over loopback takes, even on a loaded machine
+        async with refusing_site(certs, linger=10.0, handshake_timeout=30.0) as site:
+            written, result = await asyncio.to_thread(
+                write_then_read, site.port, tls13_expired(certs), 200 * 1024
+            )
+            assert written == 200 * 1024, result
+            assert type(result) is ssl.SSLError, result  # not ConnectionResetError, not EOF
+            assert result.reason == "SSLV3_ALERT_CERTIFICATE_EXPIRED", result
+            assert "certificate expired" in str(result)
+            refusal = await site.refusal()
+            assert (refusal.reason, refusal.detail) == (
+                "CERTIFICATE_VERIFY_FAILED",
+                "certificate has expired",
+            )
+            assert site.requests == []
+
+    on_loop(loop, scenario())
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_client_that_keeps_writing_after_the_alert_is_cut_off(
+    certs: DemoCerts, loop: str
+) -> None:
+    """Past LINGER_BYTES the connection is cut, long before the linger time or the handshake
+    timeout (both a minute here): the gateway neither keeps nor reads without end what a
+    refused client sends."""
+    body = 64 * 1024 * 1024  # far more than LINGER_BYTES plus both kernels' socket buffers
+    assert body // 64 > LINGER_BYTES
+
+    async def scenario() -> None:
+        async with refusing_site(certs, linger=60.0, handshake_timeout=60.0) as site:
+            written, result = await asyncio.to_thread(
+                write_then_read, site.port, tls13_expired(certs), body
+            )
+            assert written < body and isinstance(result, OSError), (written, result)
+            refusal = await site.refusal()
+            assert (refusal.reason, refusal.detail) == (
+                "CERTIFICATE_VERIFY_FAILED",
+                "certificate has expired",
+            )
+            assert site.requests == []
+
+    on_loop(loop, scenario())
+
+
+def stay_silent(port: int, context: ssl.SSLContext, until: threading.Event) -> bytes | OSError:
+    """Handshake, then neither write nor close until `until` is set: what reading then gives."""
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=20) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            until.wait(30)
+            return tls.recv(1024)
+    except OSError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_silent_refused_client_is_let_go_after_the_linger_time(
+    certs: DemoCerts, loop: str
+) -> None:
+    """A client that neither writes nor closes is closed and reported once `linger` passes,
+    not only at the handshake timeout (a minute here), and still reads the alert."""
+
+    async def scenario() -> None:
+        async with refusing_site(certs, linger=0.2, handshake_timeout=60.0) as site:
+            release = threading.Event()
+            reading = asyncio.create_task(
+                asyncio.to_thread(stay_silent, site.port, tls13_expired(certs), release)
+            )
+            try:
+                refusal = await site.refusal()  # while the client still holds its connection
+                assert not reading.done()
+                assert (refusal.reason, refusal.detail) == (
+                    "CERTIFICATE_VERIFY_FAILED",
+                    "certificate has expired",
+                )
+            finally:
+                release.set()
+            result = await reading
+            assert type(result) is ssl.SSLError and "certificate expired" in str(result), result
+
+    on_loop(loop, scenario())

@@ -20,7 +20,10 @@ Three pieces, each usable alone:
   handshake only in debug mode (an `ssl.SSLError` is an `OSError`, which they do not pass to the
   exception handler), so an exception handler or logging filter would never see it. With
   `AlertingSSLObject` (the contexts' `sslobject_class`) the refused client receives the TLS
-  alert that names the reason instead of a bare close.
+  alert that names the reason instead of a bare close; after the alert the connection lingers
+  (what the client still sends is read and dropped, up to `LINGER_BYTES`, for at most
+  `linger` seconds) so that a TLS 1.3 client still writing its request is not reset, which
+  would make its kernel discard the unread alert.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def server_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
 
 def _policy_context(tls: TlsSettings) -> ssl.SSLContext:
     """Versions, options, ciphers and verification settings, without any file."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _VERSIONS[tls.min_version]
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -277,14 +280,30 @@ def handshake_refusal(peer: str, exc: BaseException) -> HandshakeRefused:
 OnRefused = Callable[[HandshakeRefused], None]
 
 
-class _Refusing:
-    """One handshake's refusal, shared between TlsSite._handshake and the SSLObject."""
+# A refused client may send this much after the alert (a TLS 1.3 client's request, written
+# before it reads) before the connection is cut; it is read and dropped, never kept.
+LINGER_BYTES = 256 * 1024
 
-    __slots__ = ("error", "on_refused")
+
+class _Refusing:
+    """One handshake's refusal, shared between TlsSite._handshake, the context that wraps the
+    connection's memory BIOs and the SSLObject."""
+
+    __slots__ = ("discarded", "error", "incoming", "on_refused")
 
     def __init__(self, on_refused: Callable[[], object]) -> None:
         self.error: ssl.SSLError | None = None
         self.on_refused = on_refused
+        self.incoming: ssl.MemoryBIO | None = None  # set by _ServerContext.wrap_bio
+        self.discarded = 0
+
+    def discard_incoming(self) -> bool:
+        """Drop what the client sent since the refusal; False once it is more than LINGER_BYTES
+        (or when the incoming BIO is unknown: then nothing is kept waiting either)."""
+        if self.incoming is None:
+            return False
+        self.discarded += len(self.incoming.read())
+        return self.discarded <= LINGER_BYTES
 
 
 # Set by TlsSite._handshake for the handshake it awaits. asyncio and uvloop run a transport's
@@ -301,10 +320,12 @@ class AlertingSSLObject(ssl.SSLObject):
     uvloop's copy of it then abort the transport without sending it, so the client sees only
     an empty reply or a reset. Inside a TlsSite handshake, the first failure is kept and
     reported as "want read" instead: the protocol flushes the outgoing BIO (the alert) to the
-    socket, TlsSite half-closes it, and the kept error is raised on the next call (when the
-    client's next bytes arrive). If the client sends nothing, the client's close (EOF) or the
-    handshake timeout ends it; TlsSite reports the kept error either way. Outside a TlsSite
-    handshake it behaves as a plain SSLObject.
+    socket and TlsSite half-closes it. Then the connection lingers: each later call drops what
+    the client sent (read from the incoming BIO, never processed) and wants more, until the
+    client closes (EOF), TlsSite's linger deadline or the handshake timeout passes, or more
+    than LINGER_BYTES came: then the kept error is raised and the transport aborted. TlsSite
+    reports the kept error however it ended. Outside a TlsSite handshake it behaves as a plain
+    SSLObject.
     """
 
     def do_handshake(self) -> None:
@@ -313,6 +334,8 @@ class AlertingSSLObject(ssl.SSLObject):
             super().do_handshake()
             return
         if refusing.error is not None:
+            if refusing.discard_incoming():
+                raise ssl.SSLWantReadError("handshake refused; lingering after the alert")
             raise refusing.error
         try:
             super().do_handshake()
@@ -320,16 +343,46 @@ class AlertingSSLObject(ssl.SSLObject):
             raise
         except ssl.SSLError as exc:
             refusing.error = exc
+            refusing.discard_incoming()  # e.g. a TLS 1.3 client's first request, already here
             refusing.on_refused()
             raise ssl.SSLWantReadError("handshake refused; the alert is being sent") from exc
+
+
+class _ServerContext(ssl.SSLContext):
+    """A server context that hands each connection's incoming memory BIO to the TlsSite
+    handshake it belongs to, so that a refused connection can drop what the client sends after
+    the alert instead of letting it pile up in the BIO. asyncio's and uvloop's SSLProtocol both
+    make their SSLObject with this public method."""
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        refusing = _refusing.get(None)
+        if refusing is not None:
+            refusing.incoming = incoming
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
 
 
 class TlsSite(web.BaseSite):
     """Like aiohttp's TCPSite with an ssl_context, but it accepts connections itself and awaits
     each handshake (`loop.connect_accepted_socket`), so a refused handshake is logged as one
-    warning line and reported to `on_refused` (e.g. a metrics counter)."""
+    warning line and reported to `on_refused` (e.g. a metrics counter). A refused connection
+    lingers after its alert for at most `linger` seconds (never beyond `handshake_timeout`)."""
 
-    __slots__ = ("_contexts", "_handshake_timeout", "_host", "_on_refused", "_port", "_reuse_port")
+    __slots__ = (
+        "_contexts",
+        "_handshake_timeout",
+        "_host",
+        "_linger",
+        "_on_refused",
+        "_port",
+        "_reuse_port",
+    )
 
     def __init__(
         self,
@@ -339,6 +392,7 @@ class TlsSite(web.BaseSite):
         ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext],
         *,
         handshake_timeout: float = 10.0,
+        linger: float = 1.0,
         on_refused: OnRefused | None = None,
         backlog: int = 128,
         reuse_port: bool = False,
@@ -352,6 +406,7 @@ class TlsSite(web.BaseSite):
         self._host = host
         self._port = port
         self._handshake_timeout = handshake_timeout
+        self._linger = linger
         self._on_refused = on_refused
         self._reuse_port = reuse_port
 
@@ -381,14 +436,18 @@ class TlsSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         loop = asyncio.get_running_loop()
-        # After the alert is flushed, send FIN: a client that does not hang up is not kept.
-        refusing = _Refusing(lambda: loop.call_soon(_half_close, conn))
+        lingering = asyncio.timeout(None)  # set when the alert is out
+        refusing = _Refusing(lambda: self._after_alert(conn, lingering))
         _refusing.set(refusing)  # this task's context, copied into the transport's callbacks
         try:
-            # The app's protocol is made, and sees the connection, only after the handshake.
-            transport, _ = await loop.connect_accepted_socket(
-                server, conn, ssl=self._contexts(), ssl_handshake_timeout=self._handshake_timeout
-            )
+            async with lingering:
+                # The app's protocol is made, and sees the connection, only after the handshake.
+                transport, _ = await loop.connect_accepted_socket(
+                    server,
+                    conn,
+                    ssl=self._contexts(),
+                    ssl_handshake_timeout=self._handshake_timeout,
+                )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             # The kept error says why, not how the connection ended after the alert.
             self._refused(handshake_refusal(_peer(addr), refusing.error or exc))
@@ -401,6 +460,18 @@ class TlsSite(web.BaseSite):
                     _peer(addr), NO_CERTIFICATE, "peer did not return a certificate; answered"
                 )
             )
+
+    def _after_alert(self, conn: socket.socket, lingering: asyncio.Timeout) -> None:
+        """Send FIN once the alert is flushed, and stop lingering `linger` seconds from now.
+
+        Closing at once would reset a TLS 1.3 client still writing its request (its handshake
+        was over before the server saw its certificate): a reset makes the client's kernel
+        drop what it had not read yet, the alert included, and the client then reports a
+        failed write instead of the reason. Cancelling the handshake aborts the transport.
+        """
+        loop = asyncio.get_running_loop()
+        loop.call_soon(_half_close, conn)
+        lingering.reschedule(loop.time() + self._linger)
 
     def _refused(self, refusal: HandshakeRefused) -> None:
         # A TCP health check or port scan closes without a word: not worth a warning.
