@@ -11,7 +11,6 @@ middlewares or signals, and skipping them is measurably cheaper per request.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import time
@@ -31,7 +30,6 @@ from gateway.proxy import faults
 from gateway.proxy.forward import BodyTooLarge, Upstreams
 from gateway.proxy.routing import NoRoute, Router, Target, route_by_body
 
-access_log = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
 
 
@@ -57,9 +55,9 @@ class Gateway:
         self.identities = IdentityCache()
         self._request_ids = request_ids()
         self._violations = faults.ViolationFaults()
-        # Called with every finished call's Outcome: access log, metrics, ledger. They must
-        # not block; anything slow is queued by the observer itself.
-        self.observers: list[Observer] = [log_access] if settings.access_log else []
+        # Called with every finished call's Outcome: access log, metrics, ledger (ops/server.py
+        # adds them). They must not block; anything slow is queued by the observer itself.
+        self.observers: list[Observer] = []
 
     async def start(self) -> None:
         await self.upstreams.start()
@@ -285,29 +283,3 @@ def request_ids() -> Iterator[str]:
     template = f"{base[:8]}-{base[8:12]}-4{base[12:15]}-a{base[15:18]}-{{:012x}}"
     for n in itertools.count():
         yield template.format((n & 0xFFFFFFFFFFFF) ^ mask)
-
-
-def log_access(outcome: Outcome) -> None:
-    """One JSON line per call (`access_log: false` turns it off, e.g. for benchmarks)."""
-    identity = outcome.identity
-    access_log.info(
-        json.dumps(
-            {
-                "time": round(time.time(), 3),
-                "request_id": outcome.request_id,
-                "cn": identity.cn if identity else None,
-                "identity": identity.subject if identity else None,
-                "key": outcome.key or None,
-                "method": outcome.method,
-                "application": outcome.application,
-                "service": outcome.service,
-                "decision": outcome.decision,
-                "policy": outcome.policy,
-                "status": outcome.status,
-                "upstream_status": outcome.upstream_status or None,
-                "retry_after": round(outcome.retry_after, 3) if outcome.retry_after else None,
-                "latency_ms": round(outcome.elapsed * 1000, 3),
-            },
-            separators=(",", ":"),
-        )
-    )
