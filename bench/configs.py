@@ -233,11 +233,19 @@ POLICIES = {
 }
 
 
-def policy_yaml(kind: str) -> str:
+def policy_yaml(kind: str, realistic: bool = False) -> str:
     """The OMS retrieve policy of the kind (`allowed` and `long-log` never trip, `rejected` is
-    OMS's 1 per 5 s), the same for the REST application, and a never-tripping one for OMS
-    submits (the flood row's other identity)."""
+    OMS's 1 per 5 s), the same for the realistic configuration's REST application, and a
+    never-tripping one for OMS submits (the flood row's other identity)."""
     limit, per = POLICIES[kind]
+    rest = f"""\
+  - name: bench-{kind}-rest
+    application: CRR
+    services: ["*"]
+    limit: {limit}
+    per: {per}
+    mode: enforce
+"""
     return f"""\
 policies:
   - name: bench-{kind}
@@ -246,12 +254,7 @@ policies:
     limit: {limit}
     per: {per}
     mode: enforce
-  - name: bench-{kind}-rest
-    application: CRR
-    services: ["*"]
-    limit: {limit}
-    per: {per}
-    mode: enforce
+{rest if realistic else ""}\
   - name: bench-submits
     application: OMS
     services: ["Submit*"]
@@ -272,7 +275,7 @@ def write_gateway_config(
 ) -> Path:
     """gateway.yaml and policies/bench.yaml in `folder`; returns the gateway.yaml path."""
     (folder / "policies").mkdir(parents=True, exist_ok=True)
-    (folder / "policies" / "bench.yaml").write_text(policy_yaml(kind))
+    (folder / "policies" / "bench.yaml").write_text(policy_yaml(kind, realistic))
     config = folder / "gateway.yaml"
     config.write_text(gateway_yaml(certs, port, upstream_port, store_url, realistic))
     return config
