@@ -31,17 +31,34 @@ if type(dropped) == 'table' and dropped.err then
   -- A key in the earlier layout (one string): forgotten once, on the upgrade (docs/capacity.md).
   redis.call('DEL', key)
 end
-local lock = redis.call('ZSCORE', key, 'L')
+-- A small set (OMS, DRRS: a call and perhaps the lock) is read whole in one call; a large one
+-- is read at its two ends only.
+local size = redis.call('ZCARD', key)
+local whole = nil
+local lock = nil
+if size <= 4 then
+  whole = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  for i = 1, #whole, 2 do
+    if whole[i] == 'L' then
+      lock = whole[i + 1]
+    end
+  end
+else
+  lock = redis.call('ZSCORE', key, 'L')
+end
 local locked_until = lock and tonumber(lock) or 0
-local n = redis.call('ZCARD', key)
+local n = size
 if lock then
   n = n - 1
 end
 
 -- The oldest (first = true) or newest call's time; "L" is skipped, it is no call.
 local function edge(first)
-  local got = first and redis.call('ZRANGE', key, 0, 1, 'WITHSCORES')
-    or redis.call('ZRANGE', key, -2, -1, 'WITHSCORES')
+  local got = whole
+  if not got then
+    got = first and redis.call('ZRANGE', key, 0, 1, 'WITHSCORES')
+      or redis.call('ZRANGE', key, -2, -1, 'WITHSCORES')
+  end
   local best = nil
   for i = 1, #got, 2 do
     if got[i] ~= 'L' then
@@ -80,6 +97,9 @@ if allowed == 0 and reset then
 end
 
 local free_at = locked_until
+if allowed == 1 then
+  whole = nil -- the set changed: read the newest call from the store
+end
 if n > 0 then
   local newest = edge(false)
   if newest and newest + window > free_at then
