@@ -40,7 +40,14 @@ class AbResult:
 
 
 def ab_command(
-    port: int, bundle: Path, body: Path, seconds: float, connections: int, csv: Path
+    port: int,
+    bundle: Path,
+    body: Path,
+    seconds: float,
+    connections: int,
+    csv: Path,
+    path: str = SERVICE_PATH,
+    content_type: str = CONTENT_TYPE,
 ) -> list[str]:
     return [
         "ab",
@@ -57,12 +64,12 @@ def ab_command(
         "-n",
         "10000000",  # after -t, which implies -n 50000: the time bound is what ends a run
         "-T",
-        CONTENT_TYPE,
+        content_type,
         "-p",
         str(body),
         "-e",
         str(csv),
-        f"https://127.0.0.1:{port}{SERVICE_PATH}",
+        f"https://127.0.0.1:{port}{path}",
     ]
 
 

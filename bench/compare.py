@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 body,
                 _tool("nginx") or "nginx",
             )
+            bench.rest_body = folder / "request.json"
+            bench.rest_body.write_text(configs.REST_BODY)
+            bench.other_bundle = bundle_path(certs.clients["asmithx5678"][0])
             bench.start_upstream()
             bench.start_redis()
             run = 0

@@ -18,6 +18,12 @@ from gateway.demo.certs import DemoCerts
 
 SERVICE_PATH = "/sst/oms/RetrieveCurrentOutages_OMSv1_AP"
 CONTENT_TYPE = "text/xml; charset=utf-8"
+# The flood row's other identity calls a service whose policy never trips.
+FLOOD_OTHER_PATH = "/sst/oms/SubmitOutage_OMSv1_AP"
+# The realistic configuration's REST application (CRR, a route table), and its call.
+REST_PATH = "/crr/auction/v1.0/portfolio"
+REST_CONTENT_TYPE = "application/json"
+REST_BODY = '{"portfolio":{"id":"P-1","bids":[{"node":"NODE_1","mw":10}]}}\n'
 REQUEST_BODY = (
     '<?xml version="1.0" encoding="UTF-8"?>\n'
     '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" '
@@ -47,6 +53,9 @@ NGINX_FAULT_BODY = (
 # "rejected" is OMS's rule.
 ALLOWED_LIMIT, ALLOWED_PER = 1000, "1ms"
 LONG_LOG_LIMIT, LONG_LOG_PER = 1_000_000, "1s"
+# "limit 1,000 per 1 s": the issue's small-limit row; at this machine's rates it trips, so most
+# of its calls are rejected (the limit-independence target compares the long log with "allowed").
+SMALL_LIMIT, SMALL_PER = 1000, "1s"
 REJECTED_LIMIT, REJECTED_PER = 1, "5s"
 NGINX_ALLOWED_RATE = "1000000r/s"
 NGINX_REJECTED_RATE = "12r/m"  # 1 per 5 s
@@ -176,8 +185,25 @@ def peer_nginx_conf(
     )
 
 
-def gateway_yaml(certs: DemoCerts, port: int, upstream_port: int, store_url: str) -> str:
-    """gateway.yaml for one gateway scenario; policies in the `policies/` folder next to it."""
+def gateway_yaml(
+    certs: DemoCerts, port: int, upstream_port: int, store_url: str, realistic: bool = False
+) -> str:
+    """gateway.yaml for one gateway scenario; policies in the `policies/` folder next to it.
+
+    `realistic` is what a deployment runs: the JSON access log on (the bench's own rows keep it
+    off, to measure the data plane alone), the violation ledger (always on) and a REST
+    application beside the SOAP ones."""
+    rest = (
+        f"""\
+  CRR:
+    upstream: "http://127.0.0.1:{upstream_port}"
+    protocol: rest
+    prefix: /crr
+    routes: {{"POST /auction/v1.0/portfolio": portfolioSubmission}}
+"""
+        if realistic
+        else ""
+    )
     return f"""\
 # Written by bench/run.py for one scenario.
 listen: {{host: 127.0.0.1, port: {port}}}
@@ -190,23 +216,36 @@ identity: subject
 store: {store_url}
 admin: null
 policies: policies/
-access_log: false
+access_log: {"true" if realistic else "false"}
 drain_timeout: 1s
 applications:
   OMS: {{upstream: "http://127.0.0.1:{upstream_port}", protocol: soap}}
-"""
+{rest}"""
 
 
 POLICIES = {
     "allowed": (ALLOWED_LIMIT, ALLOWED_PER),
     "long-log": (LONG_LOG_LIMIT, LONG_LOG_PER),
     "rejected": (REJECTED_LIMIT, REJECTED_PER),
+    "limit-1k": (SMALL_LIMIT, SMALL_PER),
+    # flood: the flooding identity's service is OMS's rule; the other identity's never trips.
+    "flood": (REJECTED_LIMIT, REJECTED_PER),
 }
 
 
-def policy_yaml(kind: str) -> str:
-    """One OMS policy: `allowed` and `long-log` never trip, `rejected` is OMS's 1 per 5 s."""
+def policy_yaml(kind: str, realistic: bool = False) -> str:
+    """The OMS retrieve policy of the kind (`allowed` and `long-log` never trip, `rejected` is
+    OMS's 1 per 5 s), the same for the realistic configuration's REST application, and a
+    never-tripping one for OMS submits (the flood row's other identity)."""
     limit, per = POLICIES[kind]
+    rest = f"""\
+  - name: bench-{kind}-rest
+    application: CRR
+    services: ["*"]
+    limit: {limit}
+    per: {per}
+    mode: enforce
+"""
     return f"""\
 policies:
   - name: bench-{kind}
@@ -215,15 +254,28 @@ policies:
     limit: {limit}
     per: {per}
     mode: enforce
+{rest if realistic else ""}\
+  - name: bench-submits
+    application: OMS
+    services: ["Submit*"]
+    limit: {ALLOWED_LIMIT}
+    per: {ALLOWED_PER}
+    mode: enforce
 """
 
 
 def write_gateway_config(
-    folder: Path, certs: DemoCerts, port: int, upstream_port: int, store_url: str, kind: str
+    folder: Path,
+    certs: DemoCerts,
+    port: int,
+    upstream_port: int,
+    store_url: str,
+    kind: str,
+    realistic: bool = False,
 ) -> Path:
     """gateway.yaml and policies/bench.yaml in `folder`; returns the gateway.yaml path."""
     (folder / "policies").mkdir(parents=True, exist_ok=True)
-    (folder / "policies" / "bench.yaml").write_text(policy_yaml(kind))
+    (folder / "policies" / "bench.yaml").write_text(policy_yaml(kind, realistic))
     config = folder / "gateway.yaml"
-    config.write_text(gateway_yaml(certs, port, upstream_port, store_url))
+    config.write_text(gateway_yaml(certs, port, upstream_port, store_url, realistic))
     return config

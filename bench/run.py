@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -48,6 +48,7 @@ from bench.procs import (
 )
 from bench.profile import pyspy_available, pyspy_command, summarise
 from bench.report import (
+    FLOOD_CONNECTIONS,
     Row,
     Scenario,
     costs_table,
@@ -75,9 +76,36 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("gateway", "allowed", "redis", workers=2),
     Scenario("gateway", "rejected", "redis", workers=2),
     Scenario("gateway", "allowed", "redis", policy="long-log"),
+    # Issue 13: the realistic configuration (access log on, ledger on, a REST application), for
+    # SOAP and REST, memory and Redis, 1 and 2 workers (2 workers only with Redis: the memory
+    # store is per process, so two workers would each allow the limit).
+    *(
+        Scenario("gateway", kind, store, config="realistic", protocol=protocol)
+        for protocol in ("soap", "rest")
+        for store in ("memory", "redis")
+        for kind in ("allowed", "rejected")
+    ),
+    *(
+        Scenario("gateway", kind, "redis", workers=2, config="realistic", protocol=protocol)
+        for protocol in ("soap", "rest")
+        for kind in ("allowed", "rejected")
+    ),
+    # The limit-independence rows: 1,000 and 1,000,000 per second on both stores.
+    Scenario("gateway", "allowed", "memory", policy="limit-1k"),
+    Scenario("gateway", "allowed", "memory", policy="long-log"),
+    Scenario("gateway", "allowed", "redis", policy="limit-1k"),
+    # One identity floods, another's allowed calls are timed.
+    Scenario("gateway", "flood", "memory", config="realistic"),
+    Scenario("gateway", "flood", "redis", config="realistic"),
+    # The same design with nothing in it: how much is the TLS and HTTP layer's.
+    Scenario("ceiling", "rejected"),
 )
 _FOREIGN_LIMIT = 0.15  # CPUs used by processes the bench did not start
-PROFILED = tuple(s for s in SCENARIOS if s.target == "gateway" and s.workers == 1 and not s.policy)
+PROFILED = tuple(
+    s
+    for s in SCENARIOS
+    if s.target == "gateway" and s.workers == 1 and not s.policy and s.kind != "flood"
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -168,6 +196,9 @@ class Bench:
     upstream_mtls: int = 0
     redis: Proc | None = None
     redis_port: int = 0
+    rest_body: Path = Path()
+    other_bundle: Path = Path()  # the flood row's timed identity
+    flood_rps: dict[str, float] = field(default_factory=dict)  # flood rows: the flood's req/s
 
     @property
     def redis_url(self) -> str:
@@ -253,14 +284,36 @@ class Bench:
             port = ports.allowed if s.kind == "allowed" else ports.rejected
             wait_listening(proc, port)
             return proc, port, True
+        if s.target == "ceiling":
+            port = free_port()
+            certs = self.certs
+            proc = self.procs.start(
+                s.slug,
+                [
+                    *(sys.executable, "-m", "bench.ceiling", "--port", str(port)),
+                    *("--cert", str(certs.server), "--key", str(certs.server_key)),
+                    *("--ca", str(certs.ca), "--crl", str(certs.crl)),
+                ],
+                cwd=ROOT,
+            )
+            wait_listening(proc, port)
+            return proc, port, True
         store = self.redis_url if s.store == "redis" else "memory://"
         if s.store == "redis":
             self.flush_redis()
         port = free_port()
+        realistic = s.config == "realistic"
         config = configs.write_gateway_config(
-            self.folder / s.slug, self.certs, port, self.upstream_http, store, s.policy_kind
+            self.folder / s.slug,
+            self.certs,
+            port,
+            self.upstream_http,
+            store,
+            s.policy_kind,
+            realistic,
         )
-        env = {**os.environ, "LOG_LEVEL": "WARNING"}
+        # Realistic rows log each call at INFO (the access log), into the server's log file.
+        env = {**os.environ, "LOG_LEVEL": "INFO" if realistic else "WARNING"}
         proc = self.procs.start(
             s.slug,
             [
@@ -279,17 +332,23 @@ class Bench:
         wait_listening(proc, port, count=s.workers, timeout=30)
         return proc, port, True
 
-    def probe(self, port: int) -> int:
+    def call(self, s: Scenario) -> tuple[str, str, Path]:
+        """The scenario's call: path, content type and body file."""
+        if s.protocol == "rest":
+            return configs.REST_PATH, configs.REST_CONTENT_TYPE, self.rest_body
+        return configs.SERVICE_PATH, configs.CONTENT_TYPE, self.body
+
+    def probe(self, port: int, s: Scenario, bundle: Path | None = None) -> int:
         """One call with the bench's client certificate; its HTTP status."""
         ctx = ssl.create_default_context(cafile=str(self.certs.ca))
-        ctx.load_cert_chain(self.bundle)
+        ctx.load_cert_chain(bundle or self.bundle)
         conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+        path, content_type, body = self.call(s)
+        if s.kind == "flood" and bundle is not None:
+            path = configs.FLOOD_OTHER_PATH
         try:
             conn.request(
-                "POST",
-                configs.SERVICE_PATH,
-                body=configs.REQUEST_BODY.encode(),
-                headers={"Content-Type": configs.CONTENT_TYPE},
+                "POST", path, body=body.read_bytes(), headers={"Content-Type": content_type}
             )
             response = conn.getresponse()
             response.read()
@@ -297,11 +356,42 @@ class Bench:
         finally:
             conn.close()
 
-    def ab(self, name: str, port: int, seconds: float) -> AbResult:
+    def ab(
+        self, name: str, port: int, seconds: float, s: Scenario, other: bool = False
+    ) -> AbResult:
+        """One ab run of the scenario's call. For a flood row: the flooding identity on all
+        connections but one, and at the same time (`other`) the timed identity on one."""
+        if s.kind == "flood":
+            return self._flood(name, port, seconds, s)
+        return self._wait_ab(self._start_ab(name, port, seconds, s), name)
+
+    def _start_ab(
+        self,
+        name: str,
+        port: int,
+        seconds: float,
+        s: Scenario,
+        connections: int | None = None,
+        bundle: Path | None = None,
+        path: str | None = None,
+    ) -> Proc:
         csv = self.folder / f"{name}.csv"
         csv.unlink(missing_ok=True)
-        cmd = ab_command(port, self.bundle, self.body, seconds, self.args.connections, csv)
-        proc = self.procs.start(name, cmd)
+        call_path, content_type, body = self.call(s)
+        cmd = ab_command(
+            port,
+            bundle or self.bundle,
+            body,
+            seconds,
+            connections or self.args.connections,
+            csv,
+            path or call_path,
+            content_type,
+        )
+        return self.procs.start(name, cmd)
+
+    def _wait_ab(self, proc: Proc, name: str) -> AbResult:
+        seconds = self.args.seconds
         try:
             proc.popen.wait(seconds + 60)
         except subprocess.TimeoutExpired:
@@ -309,8 +399,19 @@ class Bench:
         finally:
             self.procs.stop(proc)
         output = proc.log.read_text(errors="replace")
+        csv = self.folder / f"{name}.csv"
         csv_text = csv.read_text() if csv.exists() else ""
         return parse_ab(output, csv_text)
+
+    def _flood(self, name: str, port: int, seconds: float, s: Scenario) -> AbResult:
+        flood = self._start_ab(f"{name}-flood", port, seconds, s, FLOOD_CONNECTIONS)
+        timed = self._start_ab(
+            name, port, seconds, s, 1, self.other_bundle, configs.FLOOD_OTHER_PATH
+        )
+        result = self._wait_ab(timed, name)
+        flooded = self._wait_ab(flood, f"{name}-flood")
+        self.flood_rps[s.slug] = flooded.rps
+        return result
 
     def _measured(self, s: Scenario, row: Row, server: Proc, port: int) -> AbResult:
         """The measured ab run, and who used the CPUs meanwhile."""
@@ -321,7 +422,7 @@ class Bench:
                 ours += [helper.pid, *child_pids(helper.pid)]
         cpu = [cpu_seconds(p) for p in server_pids + ours]
         busy, children, started = busy_seconds(), _children_cpu(), time.monotonic()
-        result = self.ab(f"ab-{s.slug}", port, self.args.seconds)
+        result = self.ab(f"ab-{s.slug}", port, self.args.seconds, s)
         elapsed = time.monotonic() - started
         used = [cpu_seconds(p) - before for p, before in zip(server_pids + ours, cpu, strict=True)]
         server_used = sum(used[: len(server_pids)])
@@ -342,11 +443,14 @@ class Bench:
         owned = False
         try:
             server, port, owned = self.start_server(s)
-            status = self.probe(port)
-            if status != 200:
-                row.warnings.append(f"probe call answered {status}, expected 200")
+            status = self.probe(port, s)
+            expected = 500 if s.target == "ceiling" else 200
+            if status != expected:
+                row.warnings.append(f"probe call answered {status}, expected {expected}")
+            if s.kind == "flood" and (other := self.probe(port, s, self.other_bundle)) != 200:
+                row.warnings.append(f"the other identity's probe answered {other}, expected 200")
             if self.args.warmup > 0:
-                self.ab(f"ab-warmup-{s.slug}", port, self.args.warmup)
+                self.ab(f"ab-warmup-{s.slug}", port, self.args.warmup, s)
             spy = None
             if profile_to is not None:
                 spy = self.procs.start(
@@ -407,9 +511,11 @@ def _children_cpu() -> float:
 
 def _check(s: Scenario, r: AbResult) -> list[str]:
     warnings = []
-    if s.kind == "rejected" and r.non_2xx_pct < 99:
+    if (s.kind == "rejected" or s.target == "ceiling") and r.non_2xx_pct < 99:
         warnings.append(f"only {r.non_2xx_pct:.1f}% of calls were refused")
-    if s.kind != "rejected" and r.non_2xx:
+    if s.policy == "limit-1k":
+        pass  # trips at these rates: most of its calls are rejected, by design
+    elif s.kind != "rejected" and s.target != "ceiling" and r.non_2xx:
         warnings.append(f"{r.non_2xx} calls ({r.non_2xx_pct:.2f}%) were not 2xx")
     if r.failed:
         warnings.append(f"ab counted {r.failed} failed requests (connect, receive or exception)")
@@ -458,14 +564,22 @@ def markdown(
     memory: dict[str, object] | None,
     failures: Sequence[str] = (),
     ledger_costs: Sequence[dict[str, object]] = (),
+    notes: Sequence[str] = (),
 ) -> str:
     parts = [
         f"Machine: {machine_line(info)}. ab, nginx, Redis and the gateway share these CPUs.",
         "",
         f"Each row: {args.seconds:g} s with ab -k, {args.connections} connections, one client "
-        f"certificate, after a {args.warmup:g} s warm-up; access logs off.",
+        f"certificate, after a {args.warmup:g} s warm-up; access logs off but in the rows "
+        "marked realistic (access log on, at INFO into a file; the ledger on; a REST "
+        "application configured). Flood rows: one identity's rejected calls on "
+        f"{FLOOD_CONNECTIONS} connections while another identity's allowed calls on one "
+        "connection are timed (the row shows the timed identity). The ceiling row is a bare "
+        "aiohttp server of the gateway's design behind the same mutual TLS answering a fixed fault "
+        "(bench/ceiling.py).",
         "",
         load_table(rows),
+        *notes,
     ]
     goals = targets(rows)
     if goals:
@@ -531,6 +645,9 @@ def execute(args: argparse.Namespace, folder: Path, procs: Processes) -> int:
         body,
         _tool("nginx") or "nginx",
     )
+    bench.rest_body = folder / "request.json"
+    bench.rest_body.write_text(configs.REST_BODY)
+    bench.other_bundle = bundle_path(certs.clients["asmithx5678"][0])
     bench.start_upstream()
     bench.start_redis()
     info = machine()
@@ -581,7 +698,11 @@ def execute(args: argparse.Namespace, folder: Path, procs: Processes) -> int:
     for failure in failures:
         print(f"bench: failed: {failure}", file=sys.stderr)
 
-    text = markdown(info, args, rows, costs, memory, failures, ledger_costs)
+    notes = [
+        f"\nThe flood in {slug}: {rps:,.0f} rejected calls/s."
+        for slug, rps in bench.flood_rps.items()
+    ]
+    text = markdown(info, args, rows, costs, memory, failures, ledger_costs, notes)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     record = {
         "time": stamp,

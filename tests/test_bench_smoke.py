@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,8 @@ import pytest
 from bench import configs
 from bench.ab import parse_ab
 from bench.ledger import ledger_table, run_ledger_costs
+from bench.procs import free_port
+from bench.report import Row, Scenario, targets
 from bench.run import SCENARIOS, select
 from gateway.config.policy import load_policies
 from gateway.config.settings import load_settings
@@ -109,13 +115,121 @@ def test_ab_report_without_results_is_an_error() -> None:
 
 
 def test_only_selects_scenarios_by_words() -> None:
-    names = [s.name for s in select("gateway memory,direct", SCENARIOS)]
+    names = [s.name for s in select("gateway memory rejected,direct", SCENARIOS)]
     assert names == [
         "direct upstream (nginx, mTLS)",
-        "gateway memory allowed",
         "gateway memory rejected",
+        "gateway memory rejected, realistic",
+        "gateway memory rejected, realistic, REST",
     ]
     assert len(select("", SCENARIOS)) == len(SCENARIOS)
+
+
+def test_issue_13_rows_are_in_the_bench() -> None:
+    """Realistic rows for SOAP and REST, memory and Redis, 1 and 2 workers; the limit rows;
+    the flood rows and the ceiling row."""
+    names = {s.name for s in SCENARIOS}
+    for protocol in ("", ", REST"):
+        for kind in ("allowed", "rejected"):
+            for store in ("memory", "redis"):
+                assert f"gateway {store} {kind}, realistic{protocol}" in names
+            assert f"gateway redis {kind}, 2 workers, realistic{protocol}" in names
+    for store in ("memory", "redis"):
+        assert f"gateway {store} allowed, limit 1000 per 1s" in names
+        assert f"gateway {store} allowed, limit 1000000 per 1s" in names
+        assert f"gateway {store} flood (other identity's allowed calls), realistic" in names
+    assert "ceiling: bare aiohttp server, mTLS, fixed fault" in names
+    assert len({s.slug for s in SCENARIOS}) == len(SCENARIOS)  # one log file per row
+
+
+def test_realistic_config_has_the_access_log_and_a_rest_route(
+    tmp_path: Path, certs: DemoCerts
+) -> None:
+    path = configs.write_gateway_config(
+        tmp_path, certs, 18500, 18080, "memory://", "flood", realistic=True
+    )
+    settings = load_settings(path)
+    assert settings.access_log is True
+    policies = load_policies(settings)
+    flooded = policies.match("OMS", "RetrieveCurrentOutages_OMSv1_AP", "POST")
+    other = policies.match("OMS", "SubmitOutage_OMSv1_AP", "POST")
+    rest = policies.match("CRR", "portfolioSubmission", "POST")
+    assert flooded is not None and (flooded.rate.limit, flooded.rate.per) == (1, 5.0)
+    assert other is not None and other.rate.limit == configs.ALLOWED_LIMIT
+    assert rest is not None and rest.name == "bench-flood-rest"
+    assert "CRR" in settings.applications
+
+
+def _row(scenario: Scenario, rps: float, p99: float) -> Row:
+    result = parse_ab(AB_OUTPUT.replace("6090.30", f"{rps:.2f}"), AB_CSV)
+    return Row(scenario, result=dataclasses.replace(result, p99_ms=p99))
+
+
+def test_targets_say_met_or_not_met_and_keep_the_issue_targets() -> None:
+    rows = [
+        _row(Scenario("nginx", "allowed"), 40_000, 1.0),
+        _row(Scenario("nginx", "rejected"), 70_000, 1.0),
+        _row(Scenario("gateway", "allowed", "memory", config="realistic"), 21_000, 4.0),
+        _row(Scenario("gateway", "rejected", "memory", config="realistic"), 14_000, 6.0),
+        _row(Scenario("gateway", "rejected", "redis", config="realistic"), 13_000, 6.0),
+        _row(Scenario("gateway", "allowed", "memory"), 10_000, 3.0),
+        _row(Scenario("gateway", "allowed", "memory", policy="long-log"), 7_000, 3.0),
+        _row(Scenario("gateway", "flood", "memory", config="realistic"), 500, 9.0),
+        _row(Scenario("ceiling", "rejected"), 20_000, 2.0),
+    ]
+    lines = targets(rows)
+    text = "\n".join(lines)
+    assert (
+        "- gateway memory allowed, realistic: 0.53x nginx (target ≥ 0.5x: met); "
+        "p99 4.00 ms (target < 5 ms: met)" in lines
+    )
+    assert "0.20x nginx (target ≥ 0.5x: not met); p99 6.00 ms (target < 5 ms: not met)" in text
+    assert "0.93x the 1-worker memory-store row (target ≥ 0.9x: met)" in text
+    assert "0.70x the limit 1000 per 1ms row (target ≥ 0.8x: not met)" in text
+    assert "the other identity's p99 9.00 ms (target < 10 ms: met)" in text
+    assert "the gateway's memory rejected row is 0.70x the ceiling" in text
+
+
+async def test_the_ceiling_server_answers_a_fault_over_mutual_tls(
+    tmp_path: Path, certs: DemoCerts
+) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "bench.ceiling", "--port", str(port)),
+            *("--cert", str(certs.server), "--key", str(certs.server_key)),
+            *("--ca", str(certs.ca), "--crl", str(certs.crl)),
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        ctx = ssl.create_default_context(cafile=str(certs.ca))
+        ctx.load_cert_chain(*certs.clients["jdoex1234"])
+        for _ in range(100):
+            try:
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+                )
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        writer.write(b"POST /sst/oms/X HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        status = await reader.readline()
+        assert status.startswith(b"HTTP/1.1 500")
+        writer.close()
+        # Without a client certificate the handshake is refused.
+        bare = ssl.create_default_context(cafile=str(certs.ca))
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=bare, server_hostname="localhost"
+            )
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            if not await reader.read():
+                raise ConnectionError("closed")
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_the_ledger_bench_measures_both_ledgers(redis_url: str) -> None:

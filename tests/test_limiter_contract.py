@@ -8,13 +8,15 @@ wrong store: every test ends by checking that.
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from gateway.config.settings import StoreSettings
-from gateway.limiter import Limiter, Rate, ResilientLimiter, limiter_from_url, limiter_key
+from gateway.limiter import Decision, Limiter, Rate, ResilientLimiter, limiter_from_url, limiter_key
 
 T0 = 1_700_000_000.0
 OMS = Rate(limit=1, per=5.0)
@@ -181,3 +183,48 @@ async def test_without_now_the_store_clock_decides(limiter: ResilientLimiter) ->
     assert not rejected.allowed
     assert 0.0 < rejected.retry_after <= 0.2
     assert rejected.now >= d.now
+
+
+async def test_large_limit_stays_exact_under_bursts(limiter: ResilientLimiter) -> None:
+    """10,000 per second, hit by bursts larger than the limit: exactly N allowed in any window,
+    the retry time from the oldest call, and freed slots counted to the call (the sorted-set and
+    deque layouts must keep every call, not an approximation)."""
+    n, per = 10_000, 1.0
+    rate = Rate(limit=n, per=per)
+    allowed_at: list[float] = []
+
+    async def burst(start: float, count: int, step: float) -> list[bool]:
+        answers: list[bool] = []
+        for chunk in range(0, count, 1000):  # concurrent, as a real burst reaches the store
+            times = [start + i * step for i in range(chunk, min(chunk + 1000, count))]
+            decided = [await limiter.decide(KEY, rate, now=t) for t in times[:1]]
+            decided += await _gather(limiter, rate, times[1:])
+            for t, d in zip(times, decided, strict=True):
+                answers.append(d.allowed)
+                if d.allowed:
+                    allowed_at.append(t)
+        return answers
+
+    first = await burst(T0, 12_000, 1e-5)  # 10 µs apart: 0.12 s of the window
+    assert sum(first) == n
+    over = await limiter.decide(KEY, rate, now=T0 + 0.5)
+    assert not over.allowed
+    assert over.retry_after == approx(0.5)  # the oldest call (T0) leaves at T0 + 1
+    assert (await limiter.peek(KEY, rate, now=T0 + 0.5)).calls_in_window == n
+
+    # At T0 + 1.05 the calls at T0 .. T0 + 0.05 have left: 5,001 slots, no more, no fewer, for
+    # a burst of 6,000 in the same microsecond.
+    second = await burst(T0 + 1.05, 6_000, 0.0)
+    assert sum(second) == 5_001
+    allowed_at.sort()
+    assert max(_in_window(allowed_at, i, per) for i in range(len(allowed_at))) == n
+
+
+async def _gather(limiter: ResilientLimiter, rate: Rate, times: list[float]) -> list[Decision]:
+    return list(await asyncio.gather(*(limiter.decide(KEY, rate, now=t) for t in times)))
+
+
+def _in_window(sorted_times: list[float], i: int, per: float) -> int:
+    """Allowed calls in (t - per, t] for t the i-th allowed call."""
+    end = sorted_times[i]
+    return bisect.bisect_right(sorted_times, end) - bisect.bisect_right(sorted_times, end - per)

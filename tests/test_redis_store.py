@@ -120,13 +120,16 @@ async def test_ttl_is_the_time_the_key_still_matters(
     await limiter.decide(k, Rate(3, 10.0), now=T0 + 4)
     await limiter.decide(k, Rate(3, 10.0), now=T0 + 5)  # rejected: writes nothing
     assert 9_000 < client.pttl(k) <= 10_000
-    assert client.get(k) == f"0 {T0 * 1e6:.0f} {(T0 + 2) * 1e6:.0f} {(T0 + 4) * 1e6:.0f}".encode()
+    # The layout (docs/capacity.md): one sorted set, each allowed call scored by its time in µs.
+    calls = [round((T0 + dt) * 1e6) for dt in (0, 2, 4)]
+    assert client.zrange(k, 0, -1, withscores=True) == [(str(c).encode(), c) for c in calls]
 
     drrs = key("CN=ttl", "RetrieveDRLocations_DRRSv2_AP")
     reset = Rate(1, 30.0, reset_on_early_retry=True)
     await limiter.decide(drrs, reset, now=T0)
     await limiter.decide(drrs, reset, now=T0 + 20)  # locked until T0 + 50
     assert 29_000 < client.pttl(drrs) <= 30_000
+    assert client.zscore(drrs, "L") == round((T0 + 50) * 1e6)  # the lockout's member
     print(
         f"\nMEMORY USAGE: {client.memory_usage(k)} bytes with 3 calls recorded, "
         f"{client.memory_usage(drrs)} bytes for a locked DRRS key"

@@ -2,12 +2,13 @@
 
 Entries live in an OrderedDict ordered by last touch. Every decision drops a few expired entries
 from the cold end, so memory tracks the keys active within the longest window, and the cost of a
-decision stays flat however many keys are live.
+decision stays flat however many keys are live. A key's calls are a deque, oldest first: expired
+calls leave from the left once each, so a decision costs the same for a limit of 1 or 1,000,000.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from gateway.clock import Clock, wall_clock
@@ -20,7 +21,7 @@ class _Entry:
     __slots__ = ("calls", "expires_at", "locked_until", "rate")
 
     def __init__(self) -> None:
-        self.calls: list[float] = []
+        self.calls: deque[float] = deque()
         self.locked_until = 0.0
         self.expires_at = 0.0
         self.rate: Rate | None = None
@@ -66,7 +67,7 @@ class MemoryLimiter:
         calls = entry.calls
         horizon = t - window
         while calls and calls[0] <= horizon:
-            del calls[0]
+            calls.popleft()
 
         if t < entry.locked_until:
             allowed, retry_after = False, entry.locked_until - t
@@ -91,15 +92,21 @@ class MemoryLimiter:
         entry = self._entries.get(key)
         if entry is None or entry.expires_at <= t:
             return KeyState(0, 0.0, 0.0, t)
-        calls = [c for c in entry.calls if c > t - rate.per]
+        # Oldest first: skip the expired head rather than copy the (possibly long) window.
+        calls, horizon, expired = entry.calls, t - rate.per, 0
+        for c in calls:
+            if c > horizon:
+                break
+            expired += 1
+        count = len(calls) - expired
         locked_until = entry.locked_until if entry.locked_until > t else 0.0
         if locked_until:
             retry_after = locked_until - t
-        elif len(calls) >= rate.limit:
-            retry_after = calls[0] + rate.per - t
+        elif count >= rate.limit:
+            retry_after = calls[expired] + rate.per - t
         else:
             retry_after = 0.0
-        return KeyState(len(calls), locked_until, retry_after, t)
+        return KeyState(count, locked_until, retry_after, t)
 
     async def clear(self, key: str) -> bool:
         return self._entries.pop(key, None) is not None
@@ -150,7 +157,7 @@ class MemoryLimiter:
             if entry is None:
                 entry = self._entries[state.key] = _Entry()
             entry.rate = state.rate
-            entry.calls = sorted({*entry.calls, *state.calls})
+            entry.calls = deque(sorted({*entry.calls, *state.calls}))
             entry.locked_until = max(entry.locked_until, state.locked_until)
             ends = entry.calls[-1] + state.rate.per if entry.calls else 0.0
             entry.expires_at = max(entry.expires_at, entry.locked_until, ends)

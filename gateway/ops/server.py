@@ -34,6 +34,7 @@ from gateway.edge.connection import GuardedServer
 from gateway.edge.tls import ReloadingContext, TlsSite
 from gateway.errors import ConfigError
 from gateway.limiter.base import Limiter
+from gateway.ops.accesslog import AccessLogWriter
 from gateway.ops.admin import AdminState, create_admin_app
 from gateway.ops.history import History
 from gateway.ops.ledger import LedgerWriter, excess_entry, ledger_writer
@@ -56,6 +57,7 @@ class Running:
     admin_port: int | None
     ops: AdminState
     tls: ReloadingContext | None = None
+    access: AccessLogWriter | None = None
     _runners: list[web.BaseRunner] = field(default_factory=list)
     _stopped: bool = False
 
@@ -94,6 +96,8 @@ class Running:
         for runner in self._runners:
             await runner.cleanup()
         await self.ledger.close()
+        if self.access is not None:
+            self.access.close()  # every call's line is written before the process exits
         await self.gateway.close()
 
 
@@ -135,6 +139,9 @@ async def start(
         )
     )
     # Observers run after every call, in order: access log (if on), metrics, ledger queue.
+    access = AccessLogWriter(clock=clock) if settings.access_log else None
+    if access is not None:
+        gateway.observers.append(access.observe)
     gateway.observers.extend([metrics.observe, ledger.observe])
     # Keys the local fallback let past their policy, found when the store returns.
     gateway.limiter.on_excess.append(lambda excess: ledger.record(excess_entry(excess, clock())))
@@ -167,7 +174,7 @@ async def start(
         on_refused=lambda refusal: metrics.handshake_refused(refusal.reason),
     )
     await site.start()
-    running = Running(gateway, _bound_port(runner), None, ops, tls, [runner])
+    running = Running(gateway, _bound_port(runner), None, ops, tls, access, [runner])
     if settings.admin is not None:
         admin_runner = web.AppRunner(create_admin_app(ops), access_log=None, handle_signals=False)
         await admin_runner.setup()

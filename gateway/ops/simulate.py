@@ -1,6 +1,6 @@
 """`aup-gateway simulate`: replay recorded calls against a candidate policy set, beside the current.
 
-The recorded calls are the gateway's JSON access log (one object per line, as `log_access`
+The recorded calls are the gateway's JSON access log (one object per line, as `ops/accesslog.py`
 writes it; lines that are not such an object, e.g. other loggers' lines, are passed over). Every
 call that reached policy matching (decisions forwarded, allowed, rejected, shadow, exempt) is
 decided again, in the order of its recorded time, under each set: the first matching policy,

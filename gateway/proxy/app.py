@@ -12,9 +12,7 @@ middlewares or signals, and skipping them is measurably cheaper per request.
 
 from __future__ import annotations
 
-import functools
 import itertools
-import json
 import logging
 import os
 import time
@@ -36,7 +34,6 @@ from gateway.proxy.forward import BodyTooLarge, Upstreams
 from gateway.proxy.routing import NoRoute, Router, Target, route_by_body
 from gateway.proxy.status import SERVICE_NAMES, StatusService, status_form
 
-access_log = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
 
 
@@ -65,11 +62,9 @@ class Gateway:
         self._request_ids = request_ids()
         self._violations = faults.ViolationFaults()
         self.status = StatusService()  # /aup/v1/status and its SOAP form: never a call
-        # Called with every finished call's Outcome: access log, metrics, ledger. They must
-        # not block; anything slow is queued by the observer itself.
-        self.observers: list[Observer] = (
-            [functools.partial(log_access, clock=clock)] if settings.access_log else []
-        )
+        # Called with every finished call's Outcome: access log, metrics, ledger (ops/server.py
+        # adds them). They must not block; anything slow is queued by the observer itself.
+        self.observers: list[Observer] = []
 
     async def start(self) -> None:
         await self.upstreams.start()
@@ -322,29 +317,3 @@ def request_ids() -> Iterator[str]:
     template = f"{base[:8]}-{base[8:12]}-4{base[12:15]}-a{base[15:18]}-{{:012x}}"
     for n in itertools.count():
         yield template.format((n & 0xFFFFFFFFFFFF) ^ mask)
-
-
-def log_access(outcome: Outcome, clock: Clock = wall_clock) -> None:
-    """One JSON line per call (`access_log: false` turns it off, e.g. for benchmarks)."""
-    identity = outcome.identity
-    access_log.info(
-        json.dumps(
-            {
-                "time": round(clock(), 3),
-                "request_id": outcome.request_id,
-                "cn": identity.cn if identity else None,
-                "identity": identity.subject if identity else None,
-                "key": outcome.key or None,
-                "method": outcome.method,
-                "application": outcome.application,
-                "service": outcome.service,
-                "decision": outcome.decision,
-                "policy": outcome.policy,
-                "status": outcome.status,
-                "upstream_status": outcome.upstream_status or None,
-                "retry_after": round(outcome.retry_after, 3) if outcome.retry_after else None,
-                "latency_ms": round(outcome.elapsed * 1000, 3),
-            },
-            separators=(",", ":"),
-        )
-    )

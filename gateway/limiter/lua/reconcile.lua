@@ -1,5 +1,6 @@
 -- Merge what a replica's local fallback decided during a store outage into one key, atomically,
--- on the store's clock (docs/outage.md).
+-- on the store's clock (docs/outage.md). The key is decide.lua's sorted set (calls scored by
+-- their time, "L" scored by locked_until).
 --
 -- KEYS[1]  the key, from limiter_key()
 -- ARGV[1]  limit N
@@ -12,6 +13,7 @@
 -- the store's and the merged ones still in the window, the store would have rejected had it
 -- decided them all in time order.
 
+local key = KEYS[1]
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local lock_left = tonumber(ARGV[3])
@@ -20,16 +22,16 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local horizon = now - window
 
 local locked_until, calls = 0, {}
-local state = redis.call('GET', KEYS[1])
-if state then
-  local first = true
-  for v in string.gmatch(state, '-?%d+') do
-    local x = tonumber(v)
-    if first then
-      locked_until, first = x, false
-    elseif x > horizon then
-      calls[#calls + 1] = x
-    end
+local held = redis.pcall('ZRANGEBYSCORE', key, '(' .. string.format('%.0f', horizon), '+inf',
+  'WITHSCORES')
+if type(held) == 'table' and held.err then
+  held = {} -- a key in the earlier layout: replaced below
+end
+for i = 1, #held, 2 do
+  if held[i] == 'L' then
+    locked_until = tonumber(held[i + 1])
+  else
+    calls[#calls + 1] = tonumber(held[i + 1])
   end
 end
 local merged = 0
@@ -43,15 +45,13 @@ end
 table.sort(calls)
 
 -- The store's decisions replayed over every call: those it would have refused are the excess.
-local admitted, excess = {}, 0
+-- Admitted calls are in time order, so the window's start only moves forward (one pass).
+local admitted, first, excess = {}, 1, 0
 for _, x in ipairs(calls) do
-  local n = 0
-  for _, a in ipairs(admitted) do
-    if a > x - window then
-      n = n + 1
-    end
+  while first <= #admitted and admitted[first] <= x - window do
+    first = first + 1
   end
-  if n < limit then
+  if #admitted - first + 1 < limit then
     admitted[#admitted + 1] = x
   else
     excess = excess + 1
@@ -68,11 +68,27 @@ local free_at = locked_until
 if #calls > 0 and calls[#calls] + window > free_at then
   free_at = calls[#calls] + window
 end
+redis.call('DEL', key)
 if free_at > now then
-  local parts = {string.format('%.0f', locked_until > now and locked_until or 0)}
-  for i = first_kept, #calls do
-    parts[#parts + 1] = string.format('%.0f', calls[i])
+  local batch = {}
+  local function flush()
+    if #batch > 0 then
+      redis.call('ZADD', key, unpack(batch))
+      batch = {}
+    end
   end
-  redis.call('SET', KEYS[1], table.concat(parts, ' '), 'PX', math.ceil((free_at - now) / 1000))
+  if locked_until > now then
+    batch[1], batch[2] = string.format('%.0f', locked_until), 'L'
+  end
+  for i = first_kept, #calls do
+    -- Unique members: the time, and the call's place when two share a microsecond.
+    batch[#batch + 1] = string.format('%.0f', calls[i])
+    batch[#batch + 1] = string.format('%.0f.r%d', calls[i], i)
+    if #batch >= 1000 then
+      flush()
+    end
+  end
+  flush()
+  redis.call('PEXPIRE', key, math.ceil((free_at - now) / 1000))
 end
 return {excess, merged, now}

@@ -1,0 +1,72 @@
+"""The ceiling row's server: the gateway's design with nothing in it. aiohttp's low-level
+`web.Server` on uvloop, behind the same mutual TLS (TLS 1.2+, client certificate required and
+checked against the CA and CRL, no session tickets), answering every call with one fixed SOAP
+fault. What it serves per second is the most a gateway of this design can: the rest of the
+gateway's cost is its own.
+
+    python -m bench.ceiling --port P --cert server.pem --key key.pem --ca ca.pem [--crl crl.pem]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ssl
+
+from aiohttp import web
+
+FAULT = (
+    b'<?xml version="1.0" encoding="UTF-8"?>'
+    b'<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">'
+    b"<soapenv:Body><soapenv:Fault><faultcode>soapenv:Client</faultcode>"
+    b"<faultstring>Acceptable Use Policy violation: retry in 5 seconds.</faultstring>"
+    b"</soapenv:Fault></soapenv:Body></soapenv:Envelope>"
+)
+
+
+def tls_context(cert: str, key: str, ca: str, crl: str | None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(ca)
+    if crl:
+        ctx.load_verify_locations(crl)
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_NO_TICKET
+    return ctx
+
+
+async def serve(args: argparse.Namespace) -> None:
+    async def handler(request: web.BaseRequest) -> web.Response:
+        await request.read()
+        return web.Response(
+            status=500, body=FAULT, headers={"Content-Type": "text/xml; charset=utf-8"}
+        )
+
+    server = web.Server(handler, access_log=None)
+    runner = web.ServerRunner(server, handle_signals=True)
+    await runner.setup()
+    ctx = tls_context(args.cert, args.key, args.ca, args.crl)
+    await web.TCPSite(runner, "127.0.0.1", args.port, ssl_context=ctx, backlog=1024).start()
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.ceiling")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--cert", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--ca", required=True)
+    parser.add_argument("--crl")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.run(serve(args))
+    except ImportError:
+        asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()
