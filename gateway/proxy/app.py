@@ -90,7 +90,7 @@ class Gateway:
     async def _handle(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
         content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
         identity = outcome.identity = self._identity(request)
-        if identity is None:  # unreachable with CERT_REQUIRED; kept as a last line of defence
+        if identity is None:  # the connection layer answers these first; a last line of defence
             return self._error(
                 None,
                 content_type,
