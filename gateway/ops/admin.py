@@ -59,7 +59,7 @@ if TYPE_CHECKING:  # the admin side reads the gateway; only the server builds it
     from gateway.proxy.app import Gateway
 
 support_log = logging.getLogger("gateway.support")
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/ops", "/ops/participant"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/ops", "/ops/participant", "/ops/common.js"})
 OPS_WINDOW = 900.0  # the ops page's default look-back, seconds
 OPS_ENTRIES = 5_000  # at most this many recent entries are aggregated per refresh
 PARTICIPANT_EPISODES = 500  # the participant page shows this many most recent episodes
@@ -102,6 +102,7 @@ def create_admin_app(state: AdminState) -> web.Application:
     app.router.add_get("/ops/data", ops_data)
     app.router.add_get("/ops/participant", participant_page)
     app.router.add_get("/ops/participant/data", participant_data)
+    app.router.add_get("/ops/common.js", common_script)
     app.on_response_prepare.append(_server_header)
     return app
 
@@ -463,6 +464,16 @@ async def participant_page(request: web.Request) -> web.Response:
     return _static_page("participant.html")
 
 
+async def common_script(request: web.Request) -> web.Response:
+    page = files("gateway.ops").joinpath("static", "common.js").read_bytes()
+    return web.Response(
+        body=page,
+        content_type="text/javascript",
+        charset="utf-8",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
 def _static_page(name: str) -> web.Response:
     page = files("gateway.ops").joinpath("static", name).read_bytes()
     return web.Response(
@@ -472,7 +483,7 @@ def _static_page(name: str) -> web.Response:
         headers={
             "Cache-Control": "no-store",
             "Content-Security-Policy": "default-src 'self'; "
-            "style-src 'unsafe-inline'; script-src 'unsafe-inline'",
+            "style-src 'unsafe-inline'; script-src 'self' 'unsafe-inline'",
         },
     )
 
