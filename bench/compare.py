@@ -19,11 +19,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import configs
 from bench.procs import Processes
 from bench.report import Row, Scenario
-from bench.run import SCENARIOS, Bench, _tool, parse_args, select
-from gateway.demo.certs import bundle_path, write_demo_certs
+from bench.run import SCENARIOS, Bench, parse_args, select
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -72,23 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder = Path(tmp)
         procs = Processes(folder)
         try:
-            certs = write_demo_certs(folder / "certs")
-            body = folder / "request.xml"
-            body.write_text(configs.REQUEST_BODY)
-            bench = Bench(
-                args,
-                folder,
-                procs,
-                certs,
-                bundle_path(certs.clients["jdoex1234"][0]),
-                body,
-                _tool("nginx") or "nginx",
-            )
-            bench.rest_body = folder / "request.json"
-            bench.rest_body.write_text(configs.REST_BODY)
-            bench.other_bundle = bundle_path(certs.clients["asmithx5678"][0])
-            bench.start_upstream()
-            bench.start_redis()
+            bench = Bench.started(args, folder, procs)
             run = 0
             for round_ in range(options.rounds):
                 order = options.folders if round_ % 2 == 0 else options.folders[::-1]

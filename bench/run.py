@@ -200,6 +200,23 @@ class Bench:
     other_bundle: Path = Path()  # the flood row's timed identity
     flood_rps: dict[str, float] = field(default_factory=dict)  # flood rows: the flood's req/s
 
+    @classmethod
+    def started(cls, args: argparse.Namespace, folder: Path, procs: Processes) -> Bench:
+        """Certificates and request bodies written into `folder`, the upstream and Redis up."""
+        certs = write_demo_certs(folder / "certs")
+        body = folder / "request.xml"
+        body.write_text(configs.REQUEST_BODY)
+        nginx = _tool("nginx") or "nginx"
+        bench = cls(
+            args, folder, procs, certs, bundle_path(certs.clients["jdoex1234"][0]), body, nginx
+        )
+        bench.rest_body = folder / "request.json"
+        bench.rest_body.write_text(configs.REST_BODY)
+        bench.other_bundle = bundle_path(certs.clients["asmithx5678"][0])
+        bench.start_upstream()
+        bench.start_redis()
+        return bench
+
     @property
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.redis_port}/0"
@@ -633,23 +650,7 @@ def execute(args: argparse.Namespace, folder: Path, procs: Processes) -> int:
         print(f"--only {args.only!r} selects no scenario", file=sys.stderr)
         return 2
 
-    certs = write_demo_certs(folder / "certs")
-    body = folder / "request.xml"
-    body.write_text(configs.REQUEST_BODY)
-    bench = Bench(
-        args,
-        folder,
-        procs,
-        certs,
-        bundle_path(certs.clients["jdoex1234"][0]),
-        body,
-        _tool("nginx") or "nginx",
-    )
-    bench.rest_body = folder / "request.json"
-    bench.rest_body.write_text(configs.REST_BODY)
-    bench.other_bundle = bundle_path(certs.clients["asmithx5678"][0])
-    bench.start_upstream()
-    bench.start_redis()
+    bench = Bench.started(args, folder, procs)
     info = machine()
     print(f"bench: {machine_line(info)}", file=sys.stderr)
     print(
