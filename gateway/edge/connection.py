@@ -57,6 +57,7 @@ from gateway.edge.http1 import (
     EMPTY,
     Body,
     BodyBroken,
+    BodyMalformed,
     Request,
     Response,
     StreamResponse,
@@ -74,6 +75,22 @@ _QUOTED = re.compile(r"b?'([^']*)'|b?\"([^\"]*)\"|`([^`]*)`")
 _PLAIN_NAME = re.compile(r"^[A-Za-z-]{1,30}$")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
+# Headers that mean one thing only once (RFC 9110 §5.3): a second one is refused, never chosen.
+_SINGLETONS = frozenset(
+    (
+        "authorization",
+        "content-length",
+        "content-location",
+        "content-range",
+        "content-type",
+        "etag",
+        "host",
+        "max-forwards",
+        "server",
+        "transfer-encoding",
+        "user-agent",
+    )
+)
 
 
 @dataclass(slots=True)
@@ -280,6 +297,11 @@ class GuardedProtocol(asyncio.Protocol):
         if self._task is not None:
             self._task.cancel()
 
+    @property
+    def busy(self) -> bool:
+        """A request is being answered on this connection."""
+        return self._current is not None
+
     def close_when_idle(self) -> None:
         self._closing = True
         if self._current is None and not self._queue and self.transport is not None:
@@ -355,9 +377,31 @@ class GuardedProtocol(asyncio.Protocol):
             raise self._refuse(
                 505, ErrorCode.HTTP_VERSION, "Only HTTP/1.1 and HTTP/1.0 are served here."
             )
+        headers: CIMultiDict[str] = CIMultiDict(self._headers)
+        coding = headers.get("Transfer-Encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            # llhttp would refuse other codings only after the head was handed on; chunked is
+            # the one framing of a body without a length that the gateway forwards.
+            raise self._refuse(
+                400,
+                ErrorCode.BAD_REQUEST,
+                "The request is not valid HTTP/1.1 (Transfer-Encoding other than chunked).",
+            )
+        names = [name.lower() for name, _ in self._headers]
+        if version == (1, 1) and "host" not in names:  # RFC 9112 §3.2: exactly one Host
+            raise self._refuse(
+                400, ErrorCode.BAD_REQUEST, "The request is not valid HTTP/1.1 (no Host header)."
+            )
+        if len(names) != len(set(names)):
+            repeated = {name for name in names if names.count(name) > 1} & _SINGLETONS
+            if repeated:
+                raise self._refuse(
+                    400,
+                    ErrorCode.BAD_REQUEST,
+                    f"The request is not valid HTTP/1.1 (more than one {min(repeated)} header).",
+                )
         self._head_deadline = None
         self._head_bytes = False
-        headers: CIMultiDict[str] = CIMultiDict(self._headers)
         length_text = headers.get("Content-Length")
         length = int(length_text) if length_text is not None else None  # llhttp checked it
         body_exists = "Transfer-Encoding" in headers or bool(length)
@@ -419,12 +463,16 @@ class GuardedProtocol(asyncio.Protocol):
         log.info("bad request from %s: %d %s", _peer(self.transport), status, first_line)
         self._head_deadline = None
         body = self._body
-        if body is not None:  # its request is answered already or being: just end it there
-            body.set_exception(BodyBroken(f"malformed request body: {first_line}"))
+        if body is not None:
             self._body = None
             self._body_deadline = None
-            self._closing = True
-            return
+            waiting = [r for r in self._queue if isinstance(r, Request) and r.content is body]
+            if waiting:  # its handler has not started: the 400 answers it, nothing is forwarded
+                self._queue.remove(waiting[0])
+            else:  # its handler reads it now: the read fails, and the connection closes after
+                body.set_exception(BodyMalformed(f"malformed request body: {first_line}"))
+                self._closing = True
+                return
         self._queue.append(_raw_response(self._server.server_name, status, code, text))
         if self._task is None:
             self._task = self._loop.create_task(self._serve())

@@ -33,6 +33,10 @@ class BodyBroken(ConnectionError):
     """The client went away (or was cut off) before its body was complete."""
 
 
+class BodyMalformed(BodyBroken):
+    """The body broke the HTTP/1.1 framing (a chunk size that is not one): the client's fault."""
+
+
 class Body:
     """A request body as it arrives: bounded buffering, pausing the socket when full."""
 
@@ -320,8 +324,11 @@ def head_bytes(
         f"{_reason(response.status, response.reason)}"
     ]
     framing = ("content-length", "transfer-encoding", "connection", "date")
-    lines += [f"{name}: {value}" for name, value in response.headers.items()
-              if name.lower() not in framing]
+    lines += [
+        f"{name}: {value}"
+        for name, value in response.headers.items()
+        if name.lower() not in framing
+    ]
     if length is not None:
         lines.append(f"Content-Length: {length}")
     elif chunked:
@@ -332,4 +339,3 @@ def head_bytes(
         lines.append("Connection: keep-alive")
     head = "\r\n".join(lines).encode("utf-8", "surrogateescape")
     return head + b"\r\nDate: " + http_date() + b"\r\n\r\n"
-

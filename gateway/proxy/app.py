@@ -5,8 +5,9 @@
 (or, for the caller's own status, identity -> proxy/status.py, which only reads the limiter).
 
 `Gateway` owns the runtime state (settings, router, the current PolicySet, the limiter and the
-upstream pools). It is served by the data plane's own HTTP/1.1 protocol (edge/connection.py), which hands it an
-edge/http1.py `Request` and takes back a `Response` (or a `StreamResponse` already written).
+upstream pools). It is served by the data plane's own HTTP/1.1 protocol (edge/connection.py),
+which hands it an edge/http1.py `Request` and takes back a `Response` (or a `StreamResponse`
+already written).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-
 
 from gateway.clock import Clock, wall_clock
 from gateway.config.policy import Policy, PolicySet, load_policies
@@ -269,7 +269,7 @@ class Gateway:
 
     def _identity(self, request: Request) -> ClientIdentity | None:
         identity: ClientIdentity | None = getattr(request.protocol, "identity", None)
-        if identity is not None:  # read once per connection by the GuardedHandler
+        if identity is not None:  # read once per connection by the GuardedProtocol
             return identity
         transport = request.transport
         ssl_object = transport.get_extra_info("ssl_object") if transport else None

@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 
 from gateway.config.settings import Application, Settings
 from gateway.edge.connection import send_continue
-from gateway.edge.http1 import Request, Response, StreamResponse
+from gateway.edge.http1 import BodyMalformed, Request, Response, StreamResponse
 from gateway.edge.identity import ClientIdentity
 from gateway.errors import UpstreamError
 from gateway.proxy.upstream import UpstreamFailed, UpstreamPool, UpstreamResponse, UpstreamTimeout
@@ -142,6 +142,8 @@ class Upstreams:
             log.debug("%s upstream: %s", app.name, exc)
             raise UpstreamError(502, f"{app.name} upstream unavailable") from exc
         except RequestBodyFailed as exc:
+            if isinstance(exc.__cause__, BodyMalformed):
+                raise UpstreamError(400, "the request body is not valid HTTP/1.1") from exc
             raise UpstreamError(
                 502, f"{app.name} request body broke off: {type(exc.__cause__).__name__}"
             ) from exc

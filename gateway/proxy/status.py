@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Literal
 
-from gateway.edge.http1 import Request
-
 from gateway.config.policy import Policy, PolicySet
 from gateway.config.settings import RESERVED_APPLICATION, Application, Settings
 from gateway.edge.connection import send_continue
+from gateway.edge.http1 import Request
 from gateway.edge.identity import ClientIdentity
 from gateway.errors import ErrorCode, StoreUnavailable
 from gateway.limiter.base import KeyState, Rate, identity_key_prefix, limiter_key
