@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Literal
+from typing import Literal, cast
 
 import httptools
 from aiohttp import web
@@ -255,7 +255,8 @@ class GuardedProtocol(asyncio.Protocol):
     # --- connection -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self._server.connections.add(self)
         ssl_object = transport.get_extra_info("ssl_object")
