@@ -522,13 +522,11 @@ class GuardedProtocol(asyncio.Protocol):
             if self.transport is not None and not self.transport.is_closing():
                 self.write(_internal_error(self._server.server_name))
             return True
-        if self._closing:
-            response.close = True
+        if self._closing or not request.content.received():
+            response.close = True  # the rest of the body never came: the connection is done
         if isinstance(response, Response):
             self.write(response.serialize(request))
-        if not request.content.received():  # the rest of the body never came: not reusable
-            return True
-        return response.close
+        return response.close or not request.content.received()
 
     def _refusal_answer(self, request: Request) -> bytes:
         content_type = request.headers.get("Content-Type", "")
