@@ -295,8 +295,9 @@ class GuardedProtocol(asyncio.Protocol):
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(broken)
             self._drain.exception()  # retrieved: nobody may be waiting
-        if self._task is not None:
-            self._task.cancel()
+        # A handler in flight is not cancelled (a limiter or store call cut in the middle could
+        # leave a shared connection in an unknown state): it finishes, its reads and writes
+        # fail or go nowhere, and its outcome is still observed.
 
     @property
     def busy(self) -> bool:
