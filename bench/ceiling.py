@@ -1,8 +1,8 @@
-"""The ceiling row's server: the gateway's design with nothing in it. aiohttp's low-level
-`web.Server` on uvloop, behind the same mutual TLS (TLS 1.2+, client certificate required and
-checked against the CA and CRL, no session tickets), answering every call with one fixed SOAP
-fault. What it serves per second is the most a gateway of this design can: the rest of the
-gateway's cost is its own.
+"""The ceiling row's server: the gateway's design with nothing in it. The data plane's own
+HTTP/1.1 protocol (gateway/edge/connection.py, on httptools) on uvloop, behind the same mutual
+TLS (TLS 1.2+, client certificate required and checked against the CA and CRL, no session
+tickets), answering every call with one fixed SOAP fault. What it serves per second is the most
+a gateway of this design can: the rest of the gateway's cost is its own.
 
     python -m bench.ceiling --port P --cert server.pem --key key.pem --ca ca.pem [--crl crl.pem]
 """
@@ -13,7 +13,9 @@ import argparse
 import asyncio
 import ssl
 
-from aiohttp import web
+from gateway.config.settings import Limits
+from gateway.edge.connection import GuardedServer
+from gateway.edge.http1 import Request, Response
 
 FAULT = (
     b'<?xml version="1.0" encoding="UTF-8"?>'
@@ -38,18 +40,16 @@ def tls_context(cert: str, key: str, ca: str, crl: str | None) -> ssl.SSLContext
 
 
 async def serve(args: argparse.Namespace) -> None:
-    async def handler(request: web.BaseRequest) -> web.Response:
+    async def handler(request: Request) -> Response:
         await request.read()
-        return web.Response(
-            status=500, body=FAULT, headers={"Content-Type": "text/xml; charset=utf-8"}
-        )
+        return Response(status=500, body=FAULT, headers={"Content-Type": "text/xml; charset=utf-8"})
 
-    server = web.Server(handler, access_log=None)
-    runner = web.ServerRunner(server, handle_signals=True)
-    await runner.setup()
+    server = GuardedServer(handler, limits=Limits())
     ctx = tls_context(args.cert, args.key, args.ca, args.crl)
-    await web.TCPSite(runner, "127.0.0.1", args.port, ssl_context=ctx, backlog=1024).start()
-    await asyncio.Event().wait()
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(server, "127.0.0.1", args.port, ssl=ctx, backlog=1024)
+    async with listener:
+        await listener.serve_forever()
 
 
 def main() -> None:

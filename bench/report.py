@@ -52,7 +52,7 @@ class Scenario:
         if self.target == "direct":
             return "direct upstream (nginx, mTLS)"
         if self.target == "ceiling":
-            return "ceiling: bare aiohttp server, mTLS, fixed fault"
+            return "ceiling: bare server of this design, mTLS, fixed fault"
         what = f"gateway {self.store}" if self.target == "gateway" else "nginx"
         if self.kind == "flood":
             what += " flood (other identity's allowed calls)"

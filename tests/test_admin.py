@@ -10,9 +10,9 @@ import logging
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from gateway.config.settings import AdminSettings
+from gateway.edge.connection import GuardedServer
 from gateway.limiter.memory import MemoryLimiter
 from tests.support.clock import FakeClock
 from tests.support.ops import admin, restart_with, samples, value, wait_for
@@ -170,8 +170,8 @@ async def test_readyz_is_503_while_draining(stack_factory: StackFactory) -> None
 
 def _in_flight(stack: Stack) -> bool:
     server = stack.running._runners[0].server
-    assert isinstance(server, web.Server)
-    return any(conn._request_in_progress for conn in server.connections)
+    assert isinstance(server, GuardedServer)
+    return any(conn.busy for conn in server.connections)
 
 
 async def test_policies_lists_the_set_and_reload_reports_an_invalid_file(

@@ -138,7 +138,7 @@ def test_issue_13_rows_are_in_the_bench() -> None:
         assert f"gateway {store} allowed, limit 1000 per 1s" in names
         assert f"gateway {store} allowed, limit 1000000 per 1s" in names
         assert f"gateway {store} flood (other identity's allowed calls), realistic" in names
-    assert "ceiling: bare aiohttp server, mTLS, fixed fault" in names
+    assert "ceiling: bare server of this design, mTLS, fixed fault" in names
     assert len({s.slug for s in SCENARIOS}) == len(SCENARIOS)  # one log file per row
 
 

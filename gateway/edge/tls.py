@@ -190,8 +190,8 @@ class ReloadingContext:
         ctx.sslobject_class = AlertingSSLObject
         if self._missing == "answer":
             # A connection without a certificate completes its handshake, to be answered in
-            # HTTP (GuardedHandler); a certificate that is presented is still verified, and
-            # one that fails verification still ends the handshake with its alert.
+            # HTTP (connection.GuardedProtocol); a certificate that is presented is still
+            # verified, and one that fails verification still ends the handshake with its alert.
             ctx.verify_mode = ssl.CERT_OPTIONAL
         return ctx
 

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from gateway.clock import Clock, wall_clock
 from gateway.config.settings import Settings
-from gateway.edge.connection import GuardedServer
+from gateway.edge.connection import GuardedRunner, GuardedServer
 from gateway.edge.tls import ReloadingContext, TlsSite
 from gateway.errors import ConfigError
 from gateway.limiter.base import Limiter
@@ -152,13 +152,8 @@ async def start(
         identify=gateway.identities.get,
         identity_mode=settings.identity,
         server_name=settings.server_name,
-        access_log=None,
-        keepalive_timeout=limits.idle_timeout,
-        max_line_size=limits.max_line_size,
-        max_field_size=limits.max_header_size,
-        max_headers=limits.max_headers,
     )
-    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=settings.drain_timeout)
+    runner = GuardedRunner(server, shutdown_timeout=settings.drain_timeout)
     await runner.setup()
     # New handshakes pick up rotated files; a connection without a certificate is answered in
     # HTTP by the GuardedServer (so it learns why), never forwarded.

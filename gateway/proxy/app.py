@@ -5,9 +5,9 @@
 (or, for the caller's own status, identity -> proxy/status.py, which only reads the limiter).
 
 `Gateway` owns the runtime state (settings, router, the current PolicySet, the limiter and the
-upstream pools). It is served by aiohttp's low-level `web.Server` (connection.GuardedServer)
-rather than a `web.Application`: the gateway has exactly one handler and no use for a router,
-middlewares or signals, and skipping them is measurably cheaper per request.
+upstream pools). It is served by the data plane's own HTTP/1.1 protocol (edge/connection.py),
+which hands it an edge/http1.py `Request` and takes back a `Response` (or a `StreamResponse`
+already written).
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import os
 import time
 from collections.abc import Iterator
 
-from aiohttp import hdrs, web
-
 from gateway.clock import Clock, wall_clock
 from gateway.config.policy import Policy, PolicySet, load_policies
 from gateway.config.settings import RESERVED_APPLICATION, Application, Settings
-from gateway.edge.connection import CONTINUED, expects_continue, send_continue
+from gateway.edge.connection import expects_continue, send_continue
+from gateway.edge.http1 import Request, Response, StreamResponse
 from gateway.edge.identity import ClientIdentity, IdentityCache
 from gateway.errors import ErrorCode, UpstreamError
 from gateway.limiter.base import Decision, Limiter, limiter_key
@@ -73,12 +72,12 @@ class Gateway:
         await self.upstreams.close()
         await self.limiter.close()
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> StreamResponse:
         started = time.perf_counter()
         outcome = Outcome(next(self._request_ids), None, method=request.method)
         try:
             response = await self._handle(request, outcome)
-            if expects_continue(request) and not request.get(CONTINUED):
+            if expects_continue(request) and not request.continued:
                 response.force_close()  # answered before `100 Continue`: the body never comes
             outcome.status = response.status
             return response
@@ -87,8 +86,8 @@ class Gateway:
             for observe in self.observers:
                 observe(outcome)
 
-    async def _handle(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
-        content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+    async def _handle(self, request: Request, outcome: Outcome) -> StreamResponse:
+        content_type = request.headers.get("Content-Type", "")
         identity = outcome.identity = self._identity(request)
         if identity is None:  # the connection layer answers these first; a last line of defence
             return self._error(
@@ -162,7 +161,7 @@ class Gateway:
         rate_headers: dict[str, str] = {}
         if policy is not None:
             decided = await self._decide(policy, identity, target, content_type, outcome)
-            if isinstance(decided, web.StreamResponse):
+            if isinstance(decided, StreamResponse):
                 return decided
             rate_headers = decided
 
@@ -210,7 +209,7 @@ class Gateway:
         target: Target,
         content_type: str,
         outcome: Outcome,
-    ) -> web.StreamResponse | dict[str, str]:
+    ) -> StreamResponse | dict[str, str]:
         """Ask the limiter; the fault to send when the call is refused, else the `RateLimit-Policy`
         and `RateLimit` headers for the forwarded answer (none when the identity is exempt)."""
         outcome.policy = policy.name
@@ -268,9 +267,9 @@ class Gateway:
         )
         return self._respond(fault, outcome)
 
-    def _identity(self, request: web.BaseRequest) -> ClientIdentity | None:
+    def _identity(self, request: Request) -> ClientIdentity | None:
         identity: ClientIdentity | None = getattr(request.protocol, "identity", None)
-        if identity is not None:  # read once per connection by the GuardedHandler
+        if identity is not None:  # read once per connection by the GuardedProtocol
             return identity
         transport = request.transport
         ssl_object = transport.get_extra_info("ssl_object") if transport else None
@@ -286,7 +285,7 @@ class Gateway:
         code: ErrorCode,
         message: str,
         retry_after: float | None = None,
-    ) -> web.Response:
+    ) -> Response:
         fault = faults.error_fault(
             faults.shape_for(app, content_type),
             status=status,
@@ -301,10 +300,10 @@ class Gateway:
         )
         return self._respond(fault, outcome)
 
-    def _respond(self, fault: faults.Fault, outcome: Outcome) -> web.Response:
-        response = web.Response(status=fault.status, headers=fault.headers, body=fault.body)
+    def _respond(self, fault: faults.Fault, outcome: Outcome) -> Response:
+        response = Response(status=fault.status, headers=fault.headers, body=fault.body)
         response.headers["X-Request-Id"] = outcome.request_id
-        response.headers[hdrs.SERVER] = self.settings.server_name
+        response.headers["Server"] = self.settings.server_name
         return response
 
 

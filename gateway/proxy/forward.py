@@ -13,11 +13,11 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from gateway.config.settings import Application, Settings
 from gateway.edge.connection import send_continue
+from gateway.edge.http1 import BodyMalformed, Request, Response, StreamResponse
 from gateway.edge.identity import ClientIdentity
 from gateway.errors import UpstreamError
 from gateway.proxy.upstream import UpstreamFailed, UpstreamPool, UpstreamResponse, UpstreamTimeout
@@ -98,7 +98,7 @@ class Upstreams:
 
     async def forward(
         self,
-        request: web.BaseRequest,
+        request: Request,
         app: Application,
         upstream_path: str,
         identity: ClientIdentity,
@@ -106,7 +106,7 @@ class Upstreams:
         max_body: int,
         prefix: bytes = b"",
         extra_headers: dict[str, str] | None = None,
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         """Send the request upstream and relay the answer; UpstreamError when that fails.
 
         `prefix` is the start of the body that routing already read (routing.route_by_body).
@@ -142,16 +142,18 @@ class Upstreams:
             log.debug("%s upstream: %s", app.name, exc)
             raise UpstreamError(502, f"{app.name} upstream unavailable") from exc
         except RequestBodyFailed as exc:
+            if isinstance(exc.__cause__, BodyMalformed):
+                raise UpstreamError(400, "the request body is not valid HTTP/1.1") from exc
             raise UpstreamError(
                 502, f"{app.name} request body broke off: {type(exc.__cause__).__name__}"
             ) from exc
 
 
 def upstream_headers(
-    request: web.BaseRequest, identity: ClientIdentity, request_id: str
+    request: Request, identity: ClientIdentity, request_id: str
 ) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop and gateway-owned ones, plus the gateway's own."""
-    connection = request.headers.get(hdrs.CONNECTION, "")
+    connection = request.headers.get("Connection", "")
     named = (
         {h.strip().lower().replace("_", "-") for h in connection.split(",")}
         if connection
@@ -173,7 +175,7 @@ def upstream_headers(
 
 
 async def _counted(
-    request: web.BaseRequest,
+    request: Request,
     max_body: int,
     prefix: bytes = b"",
 ) -> AsyncIterator[bytes]:
@@ -195,12 +197,12 @@ async def _counted(
 
 
 async def _relay(
-    request: web.BaseRequest,
+    request: Request,
     upstream: UpstreamResponse,
     request_id: str,
     server_name: str,
     extra_headers: dict[str, str],
-) -> web.StreamResponse:
+) -> StreamResponse:
     headers = [
         (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         for name, value in upstream.headers
@@ -217,8 +219,8 @@ async def _relay(
     if upstream.complete or (length is not None and length <= BUFFER_LIMIT):
         # Whole already (small chunked answers, HEAD, 204, 304) or small: one write to the client.
         body = await upstream.read_all()
-        return web.Response(status=upstream.status, reason=reason, headers=headers, body=body)
-    response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
+        return Response(status=upstream.status, reason=reason, headers=headers, body=body)
+    response = StreamResponse(status=upstream.status, reason=reason, headers=headers)
     if length is not None:
         response.content_length = length
     try:

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Literal
 
-from aiohttp import hdrs, web
-
 from gateway.config.policy import Policy, PolicySet
 from gateway.config.settings import RESERVED_APPLICATION, Application, Settings
 from gateway.edge.connection import send_continue
+from gateway.edge.http1 import Request
 from gateway.edge.identity import ClientIdentity
 from gateway.errors import ErrorCode, StoreUnavailable
 from gateway.limiter.base import KeyState, Rate, identity_key_prefix, limiter_key
@@ -165,7 +164,7 @@ class StatusService:
 
     async def answer(
         self,
-        request: web.BaseRequest,
+        request: Request,
         form: StatusForm,
         identity: ClientIdentity,
         settings: Settings,
@@ -174,7 +173,7 @@ class StatusService:
         request_id: str,
     ) -> faults.Fault:
         """The whole response (status, headers, body) for one status request."""
-        content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+        content_type = request.headers.get("Content-Type", "")
         shape: faults.FaultShape = "problem"
         if form == "soap":
             shape = "soap12" if "soap+xml" in content_type else "soap11"
@@ -241,7 +240,7 @@ class StatusService:
         return self._wsdl
 
 
-def _asked_in_query(request: web.BaseRequest) -> dict[str, str]:
+def _asked_in_query(request: Request) -> dict[str, str]:
     query = request.query
     unknown = sorted(set(query) - _QUERY_NAMES)
     if unknown:
@@ -254,7 +253,7 @@ def _asked_in_query(request: web.BaseRequest) -> dict[str, str]:
     return {name: query.get(name, "") for name in _QUERY_NAMES}
 
 
-async def _asked_in_body(request: web.BaseRequest) -> tuple[str, dict[str, str]]:
+async def _asked_in_body(request: Request) -> tuple[str, dict[str, str]]:
     await send_continue(request)
     data = b""
     while len(data) <= MAX_BODY:
