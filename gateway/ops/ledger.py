@@ -53,7 +53,7 @@ import os
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO, cast
 from urllib.parse import urlsplit
@@ -213,29 +213,10 @@ def support_entry(
 ) -> LedgerEntry:
     """A support action (a cleared key) in the episode shape: final at once, count 1; `note`
     is the reason the operator gave."""
-    cn = _attribute(identity, "CN") if "=" in identity else identity
-    return LedgerEntry(
-        id=f"{request_id}:{int(at * 1000)}:{os.urandom(4).hex()}",
-        decision="cleared",
-        identity=identity,
-        subject=identity if "=" in identity else "",
-        cn=cn,
-        application=application,
-        service=service,
-        policy="",
-        first=at,
-        last=at,
-        ends_at=at,
-        count=1,
-        retry_after=0.0,
-        first_request_id=request_id,
-        last_request_id=request_id,
-        fallback=False,
-        final=True,
-        status=0,
-        time=at,
-        note=note[:500],  # a reason, not a document
-    )
+    return _final_entry(
+        f"{request_id}:{int(at * 1000)}", "cleared", identity, application, service, at,
+        policy="", count=1, request_id=request_id, fallback=False, note=note[:500],
+    )  # fmt: skip
 
 
 def excess_entry(excess: Excess, at: float) -> LedgerEntry:
@@ -243,27 +224,50 @@ def excess_entry(excess: Excess, at: float) -> LedgerEntry:
     were merged into the store: `count` is the calls beyond the policy (docs/outage.md)."""
     inner = excess.key.partition("{")[2].rpartition("}")[0]
     identity, application, service = [*inner.rsplit("|", 2), "", ""][:3]
-    cn = _attribute(identity, "CN") if "=" in identity else identity
+    entry = _final_entry(
+        f"excess:{excess.key}:{int(excess.store_time * 1000)}", "excess", identity, application,
+        service, excess.store_time, policy=f"{excess.rate.limit} per {excess.rate.per:g}s",
+        count=excess.calls, request_id="", fallback=True,
+    )  # fmt: skip
+    return replace(entry, time=at)
+
+
+def _final_entry(
+    id_prefix: str,
+    decision: LedgerDecision,
+    identity: str,
+    application: str,
+    service: str,
+    at: float,
+    *,
+    policy: str,
+    count: int,
+    request_id: str,
+    fallback: bool,
+    note: str = "",
+) -> LedgerEntry:
+    """An entry that is final when written (support actions, excess): one instant, no faults."""
     return LedgerEntry(
-        id=f"excess:{excess.key}:{int(excess.store_time * 1000)}:{os.urandom(4).hex()}",
-        decision="excess",
+        id=f"{id_prefix}:{os.urandom(4).hex()}",
+        decision=decision,
         identity=identity,
         subject=identity if "=" in identity else "",
-        cn=cn,
+        cn=_attribute(identity, "CN") if "=" in identity else identity,
         application=application,
         service=service,
-        policy=f"{excess.rate.limit} per {excess.rate.per:g}s",
-        first=excess.store_time,
-        last=excess.store_time,
-        ends_at=excess.store_time,
-        count=excess.calls,
+        policy=policy,
+        first=at,
+        last=at,
+        ends_at=at,
+        count=count,
         retry_after=0.0,
-        first_request_id="",
-        last_request_id="",
-        fallback=True,
+        first_request_id=request_id,
+        last_request_id=request_id,
+        fallback=fallback,
         final=True,
         status=0,
         time=at,
+        note=note,
     )
 
 
