@@ -619,9 +619,10 @@ async def test_sigkill_loses_at_most_the_last_flush_interval(
 async def test_a_cluster_store_ledger_lives_on_one_slot(
     stack_factory: StackFactory, redis_cluster_url: str
 ) -> None:
-    stack = await stack_factory(
-        {"a.yaml": OMS, "b.yaml": DRRS.format(per="30s")}, store=redis_cluster_url
-    )
+    # A store timeout well above the default 50 ms: this test is about where the ledger lives,
+    # and a first cluster call slower than 50 ms on a loaded machine would decide in fallback.
+    store = f'{{url: "{redis_cluster_url}", timeout: 2s}}'
+    stack = await stack_factory({"a.yaml": OMS, "b.yaml": DRRS.format(per="30s")}, store=store)
     assert stack.running.ledger.sink.name == "redis-stream"
     sent = await _send_faults(stack)
     await stack.running.ledger.flush()
