@@ -1,8 +1,9 @@
 """The ceiling row's server: the gateway's design with nothing in it. The data plane's own
 HTTP/1.1 protocol (gateway/edge/connection.py, on httptools) on uvloop, behind the same mutual
 TLS (TLS 1.2+, client certificate required and checked against the CA and CRL, no session
-tickets), answering every call with one fixed SOAP fault. What it serves per second is the most
-a gateway of this design can: the rest of the gateway's cost is its own.
+tickets), answering every call with one fixed SOAP fault, repeated calls replayed by the protocol
+as the gateway's rejections are. What it serves per second is the most a gateway of this design
+can: the rest of the gateway's cost is its own.
 
     python -m bench.ceiling --port P --cert server.pem --key key.pem --ca ca.pem [--crl crl.pem]
 """
@@ -42,7 +43,14 @@ def tls_context(cert: str, key: str, ca: str, crl: str | None) -> ssl.SSLContext
 async def serve(args: argparse.Namespace) -> None:
     async def handler(request: Request) -> Response:
         await request.read()
-        return Response(status=500, body=FAULT, headers={"Content-Type": "text/xml; charset=utf-8"})
+        answer = Response(
+            status=500, body=FAULT, headers={"Content-Type": "text/xml; charset=utf-8"}
+        )
+        # As the gateway's rejections: the same request again on the connection gets the same
+        # answer from the protocol itself (proxy/replay.py), here with nothing to decide.
+        again = answer.serialize(request)
+        answer.replay = lambda: again
+        return answer
 
     server = GuardedServer(handler, limits=Limits())
     ctx = tls_context(args.cert, args.key, args.ca, args.crl)

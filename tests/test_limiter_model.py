@@ -150,6 +150,28 @@ def test_stores_match_the_reference_model(
     runner.run(run())
 
 
+@settings(max_examples=300, deadline=None)
+@given(schedule=schedules())
+def test_refusing_first_as_a_replay_does_matches_the_model(
+    schedule: tuple[list[Policy], list[tuple[int, int]]],
+) -> None:
+    """A replayed request asks `refuse_now` first and the handler decides only when it says None
+    (proxy/replay.py): together they must decide every call as the model does, and `refuse_now`
+    must never record anything when it steps aside."""
+    keys, calls = schedule
+    model = [ModelKey() for _ in keys]
+    memory = MemoryLimiter(clock=lambda: pytest.fail("the tests pass `now` explicitly"))
+    for step, (tick, k) in enumerate(calls):
+        policy, name, now = keys[k], f"aup:{{replay|APP|svc{k}}}", BASE + tick * TICK
+        allowed, retry_ticks = model_allow(model[k], tick, policy.limit, policy.per, policy.reset)
+        refused = memory.refuse_now(name, policy.rate, now)
+        decision = refused if refused is not None else memory.decide_now(name, policy.rate, now)
+        where = f"step {step}: t={tick} key={k} {policy}"
+        assert refused is None or not refused.allowed, where
+        assert decision.allowed == allowed, where
+        assert decision.retry_after == pytest.approx(retry_ticks * TICK, abs=1e-6), where
+
+
 @pytest.fixture(scope="module")
 def example_ids() -> Iterator[int]:
     return itertools.count()

@@ -58,6 +58,7 @@ from gateway.edge.http1 import (
     Body,
     BodyBroken,
     BodyMalformed,
+    Replay,
     Request,
     Response,
     StreamResponse,
@@ -75,6 +76,8 @@ _QUOTED = re.compile(r"b?'([^']*)'|b?\"([^\"]*)\"|`([^`]*)`")
 _PLAIN_NAME = re.compile(r"^[A-Za-z-]{1,30}$")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
+_REPLAYS_KEPT = 16  # distinct rejected heads per connection answered by a Replay
+_REPLAY_MAX_BODY = 64 * 1024  # a request replayed comes whole in one read: a small one
 # Headers that mean one thing only once (RFC 9110 §5.3): a second one is refused, never chosen.
 _SINGLETONS = frozenset(
     (
@@ -233,6 +236,10 @@ class GuardedProtocol(asyncio.Protocol):
         self._body: Body | None = None  # the body still arriving
         self._held: Body | None = None  # a body whose client waits for `100 Continue`
         self._dead = False  # the parser failed or the connection upgraded: read no more
+        self._between = True  # the parser is between messages (none begun)
+        self._head: bytes | None = None  # the exact head of the request being parsed, if known
+        # Rejections to give again to the same exact request: head -> (Replay, body length)
+        self._replays: dict[bytes, tuple[Replay, int]] | None = None
         # Answering, in order
         self._queue: deque[Request | bytes] = deque()  # bytes: a prepared error, then close
         self._current: Request | None = None
@@ -316,6 +323,13 @@ class GuardedProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._dead:
             return
+        if self._between:
+            # A request starts here: its exact head is kept for `_keep_replay`, and a request
+            # seen (and refused) before on this connection, whole in this read, may be replayed.
+            end = data.find(b"\r\n\r\n") + 4
+            self._head = data[:end] if end > 3 else None
+            if self._replays is not None and self._head is not None and self._replay(data, end):
+                return
         if self._body is None:
             self._head_bytes = True
             self._idle_deadline = None
@@ -336,6 +350,7 @@ class GuardedProtocol(asyncio.Protocol):
     # --- parser callbacks -----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._between = False
         self._url.clear()
         self._url_size = 0
         self._headers = []
@@ -419,7 +434,9 @@ class GuardedProtocol(asyncio.Protocol):
             parser.should_keep_alive(),
             self,
             self.transport,
+            self._head,
         )
+        self._head = None  # a pipelined request after it in the same read has its own head
         if body_exists:
             self._body = body
             if _asks_continue(version, headers):
@@ -439,6 +456,7 @@ class GuardedProtocol(asyncio.Protocol):
             self._body.feed(body)
 
     def on_message_complete(self) -> None:
+        self._between = True
         body = self._body
         if body is not None:
             body.feed_eof()
@@ -446,6 +464,26 @@ class GuardedProtocol(asyncio.Protocol):
             self._body_deadline = None
             if self._held is body:
                 self._held = None
+
+    def _replay(self, data: bytes, end: int) -> bool:
+        """Answer `data`, one whole request, with the Replay of an earlier rejection of the same
+        bytes on this connection (proxy/replay.py), if it still refuses. The parser never sees
+        it: it stays between messages, as it would after parsing it."""
+        assert self._replays is not None and self._head is not None
+        entry = self._replays.get(self._head)
+        if entry is None or len(data) - end != entry[1]:
+            return False
+        if self._current is not None or self._queue or self._closing:
+            return False  # answers go in order; a closing connection answers through _serve
+        answer = entry[0]()
+        if answer is None:  # not refused at once any more (or policies reloaded): the handler
+            del self._replays[self._head]
+            return False
+        self._head = None
+        self.write(answer)
+        self._idle_deadline = self._loop.time() + self._limits.idle_timeout
+        self._arm(self._idle_deadline)
+        return True
 
     def _refuse(self, status: int, code: ErrorCode, message: str) -> _Refused:
         self._refused = _Refused(status, code, message)
@@ -527,7 +565,21 @@ class GuardedProtocol(asyncio.Protocol):
             response.close = True  # the rest of the body never came: the connection is done
         if isinstance(response, Response):
             self.write(response.serialize(request))
+            if response.replay is not None and not response.close:
+                self._keep_replay(request, response.replay)
         return response.close or not request.content.received()
+
+    def _keep_replay(self, request: Request, replay: Replay) -> None:
+        """Keep a rejection's Replay for the same request's exact bytes: a head as parsed, a
+        body of a known small length (a replayed request must come whole in one read)."""
+        length = request.content_length or 0
+        if request.head is None or not request.content.received() or length > _REPLAY_MAX_BODY:
+            return
+        if request.body_exists and request.content_length is None:
+            return  # chunked: its length is not in its head
+        if self._replays is None or len(self._replays) >= _REPLAYS_KEPT:
+            self._replays = {}
+        self._replays[request.head] = (replay, length)
 
     def _refusal_answer(self, request: Request) -> bytes:
         content_type = request.headers.get("Content-Type", "")

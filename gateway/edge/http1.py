@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -27,6 +27,8 @@ HIGH = 256 * 1024
 LOW = 64 * 1024
 
 Headers = Mapping[str, str] | Iterable[tuple[str, str]]
+# Gives the same answer to the same head again without the handler, or None (proxy/replay.py).
+Replay = Callable[[], bytes | None]
 
 
 class BodyBroken(ConnectionError):
@@ -141,6 +143,7 @@ class Request:
         "content",
         "content_length",
         "continued",
+        "head",
         "headers",
         "keep_alive",
         "method",
@@ -162,6 +165,7 @@ class Request:
         keep_alive: bool,
         protocol: GuardedProtocol | None = None,
         transport: asyncio.Transport | None = None,
+        head: bytes | None = None,
     ) -> None:
         self.method = method
         self.raw_path = raw_path
@@ -174,6 +178,7 @@ class Request:
         self.protocol = protocol
         self.transport = transport
         self.continued = False  # `100 Continue` was sent for this request
+        self.head = head  # its exact bytes up to the body, when the connection knows them
         self._query: MultiDict[str] | None = None
 
     @property
@@ -292,7 +297,7 @@ class StreamResponse:
 class Response(StreamResponse):
     """A whole answer: status, headers and body written at once."""
 
-    __slots__ = ("body",)
+    __slots__ = ("body", "replay")
 
     def __init__(
         self,
@@ -303,6 +308,8 @@ class Response(StreamResponse):
     ) -> None:
         super().__init__(status, reason, headers)
         self.body = body
+        # Set by the handler when the connection may give this answer again (proxy/replay.py).
+        self.replay: Replay | None = None
 
     def serialize(self, request: Request | None) -> bytes:
         body = self.body if _has_body(self.status) else b""

@@ -97,6 +97,8 @@ class ResilientLimiter:
         self.fallback = fallback if fallback is not None else MemoryLimiter(clock)
         # A remote store's locked keys are answered locally until their lock ends (lockcache.py).
         self.locks = LockCache(monotonic) if primary.shared else None
+        # This process's own store (memory) can also refuse without a coroutine (refuse_now).
+        self._local = primary if isinstance(primary, MemoryLimiter) else None
         self._retries: set[asyncio.Task[Decision | None]] = set()
         self.label = label or primary.name
         self._clock = clock
@@ -184,23 +186,36 @@ class ResilientLimiter:
         on_error: StoreErrorMode | None = None,
     ) -> tuple[Decision, Source]:
         """The decision and who made it: the store (or its cached lock), or which mode."""
-        locks = self.locks
-        # With a reset policy, the cache answers only while the early retry it must record can
-        # go in the background; when too many are queued the caller waits for the store.
-        if (
-            locks is not None
-            and now is None
-            and not (rate.reset_on_early_retry and len(self._retries) >= _MAX_BACKGROUND)
-        ):
-            cached = locks.get(key, rate)
+        if now is None and self.locks is not None:
+            cached = self._cached_lock(key, rate)
             if cached is not None:
-                if rate.reset_on_early_retry:
-                    self._record_retry(key, rate)
                 return cached, "cache"
         decision = await self._store_decide(key, rate, now)
         if decision is None:
             return self._degraded(key, rate, now, on_error or self.mode)
         return decision, "store"
+
+    def refuse_now(self, key: str, rate: Rate) -> Decision | None:
+        """The key's rejection when it can be given without waiting: a memory store's, or the
+        shared store's lock held in the lock cache, while the store answers. None when
+        `decide_with_source` must run (the call may be allowed, the store must be asked, or the
+        store is down); None records nothing, and a rejection counts as decide's would."""
+        if self._open_until is not None:
+            return None
+        if self._local is not None:
+            return self._local.refuse_now(key, rate)
+        return self._cached_lock(key, rate) if self.locks is not None else None
+
+    def _cached_lock(self, key: str, rate: Rate) -> Decision | None:
+        # With a reset policy, the cache answers only while the early retry it must record can
+        # go in the background; when too many are queued the caller waits for the store.
+        assert self.locks is not None
+        if rate.reset_on_early_retry and len(self._retries) >= _MAX_BACKGROUND:
+            return None
+        cached = self.locks.get(key, rate)
+        if cached is not None and rate.reset_on_early_retry:
+            self._record_retry(key, rate)
+        return cached
 
     async def _store_decide(self, key: str, rate: Rate, now: float | None) -> Decision | None:
         """The store's decision through the breaker; None when the store could not give one."""

@@ -87,6 +87,20 @@ class MemoryLimiter:
         remaining = 0 if t < entry.locked_until else max(rate.limit - len(calls), 0)
         return Decision(allowed, retry_after, remaining, max(free_at - t, 0.0), t)
 
+    def refuse_now(self, key: str, rate: Rate, now: float | None = None) -> Decision | None:
+        """`decide_now`'s answer when it is a rejection (recorded as decide_now records it: a
+        reset policy's lockout moves); None, with nothing recorded, when it would allow."""
+        t = self._clock() if now is None else now
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        calls, horizon = entry.calls, t - rate.per
+        while calls and calls[0] <= horizon:
+            calls.popleft()
+        if t < entry.locked_until or len(calls) >= rate.limit:
+            return self.decide_now(key, rate, t)
+        return None
+
     async def peek(self, key: str, rate: Rate, now: float | None = None) -> KeyState:
         t = self._clock() if now is None else now
         entry = self._entries.get(key)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from json.encoder import encode_basestring_ascii as _json_string
 
 from gateway.clock import Clock, wall_clock
 from gateway.outcome import Outcome
@@ -25,6 +27,7 @@ from gateway.outcome import Outcome
 ACCESS_LOGGER = "gateway.access"
 _BATCHED_HANDLERS = (logging.StreamHandler, logging.FileHandler)
 _FRAGMENTS = 4096  # distinct (identity, key, decision, ...) shapes kept encoded
+_DEFAULT_FORMATTER = logging.Formatter()  # what a handler without a formatter uses
 
 
 def access_line(outcome: Outcome, at: float, fragments: dict[tuple[str, ...], str]) -> str:
@@ -63,11 +66,11 @@ def access_line(outcome: Outcome, at: float, fragments: dict[tuple[str, ...], st
             },
             separators=(",", ":"),
         )[1:-1]
-    retry_after = round(outcome.retry_after, 3) if outcome.retry_after else "null"
+    retry_after = f"{outcome.retry_after:.3f}" if outcome.retry_after else "null"
     return (
-        f'{{"time":{round(at, 3)!r},"request_id":{json.dumps(outcome.request_id)},{fragment},'
+        f'{{"time":{at:.3f},"request_id":{_json_string(outcome.request_id)},{fragment},'
         f'"status":{outcome.status},"upstream_status":{outcome.upstream_status or "null"},'
-        f'"retry_after":{retry_after},"latency_ms":{round(outcome.elapsed * 1000, 3)!r}}}'
+        f'"retry_after":{retry_after},"latency_ms":{outcome.elapsed * 1000:.3f}}}'
     )
 
 
@@ -117,23 +120,24 @@ class AccessLogWriter:
             return
         self.batches += 1
         fragments = self._fragments
-        # One LogRecord is built per batch and copied for each line (a record's __init__, which
-        # inspects the thread, the process and the caller's file, was a third of a line's cost).
-        # Its line and time are the call's; the rest (thread, process) is the same for all.
+        lines = [(access_line(o, at, fragments), at) for o, at in queued]
+        # One LogRecord's fields are made per batch; each line changes only its message and time
+        # (a record's __init__, which inspects the thread, the process and the caller's file,
+        # was a third of a line's cost).
         base = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "", (), None).__dict__
-        records: list[logging.LogRecord] = []
-        for o, at in queued:
-            record = logging.LogRecord.__new__(logging.LogRecord)
-            record.__dict__.update(base)
-            record.msg = access_line(o, at, fragments)
-            record.created = at
-            record.msecs = (at - int(at)) * 1000
-            records.append(record)
-        if logger.filters:
-            records = [r for r in records if logger.filter(r)]
+        records: list[logging.LogRecord] | None = None  # for handlers that need records
         for handler in _handlers(logger):
-            if records and (handler.level <= logging.INFO):
-                _emit(handler, records)
+            if handler.level > logging.INFO:
+                continue
+            if not logger.filters and _plain(handler):
+                _write(handler, lines, base)
+                continue
+            if records is None:
+                records = [_record(base, text, at) for text, at in lines]
+                if logger.filters:
+                    records = [r for r in records if logger.filter(r)]
+            for record in records:
+                handler.handle(record)
 
     def close(self) -> None:
         self.flush()
@@ -153,21 +157,63 @@ def _handlers(logger: logging.Logger) -> list[logging.Handler]:
     return found
 
 
-def _emit(handler: logging.Handler, records: list[logging.LogRecord]) -> None:
-    if type(handler) not in _BATCHED_HANDLERS or getattr(handler, "stream", None) is None:
-        # Anything else (syslog, queues, test capture, a delayed file not yet open) keeps its
-        # own emit, record by record.
-        for record in records:
-            handler.handle(record)
-        return
+def _record(base: dict[str, object], text: str, at: float) -> logging.LogRecord:
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    record.__dict__.update(base)
+    record.msg = text
+    record.created = at
+    record.msecs = (at - int(at)) * 1000
+    return record
+
+
+def _plain(handler: logging.Handler) -> bool:
+    """A stream or file handler with an open stream, no filters and a plain Formatter: what
+    `serve` configures. Its batch is formatted here and written at once."""
+    return (
+        type(handler) in _BATCHED_HANDLERS
+        and getattr(handler, "stream", None) is not None
+        and not handler.filters
+        and type(handler.formatter or _DEFAULT_FORMATTER) is logging.Formatter
+    )
+
+
+class _Fields:
+    """What Formatter.formatMessage and formatTime read: a record's fields, nothing else."""
+
+
+def _write(
+    handler: logging.Handler, lines: list[tuple[str, float]], base: dict[str, object]
+) -> None:
+    """Format the lines as `handler.format` would for their records (a plain Formatter: the
+    fields, `asctime` and the message; the time text made once per second), then one write and
+    one flush."""
     assert isinstance(handler, logging.StreamHandler)
-    kept = [r for r in records if handler.filter(r)] if handler.filters else records
+    formatter = handler.formatter or _DEFAULT_FORMATTER
+    uses_time = formatter.usesTime()
+    fields = _Fields()
+    fields.__dict__ = values = dict(base)  # the same fields for every line but these four:
+    second, stamp = -1, ""
+    out: list[str] = []
+    for text, at in lines:
+        msecs = (at - int(at)) * 1000
+        values["msg"] = values["message"] = text
+        values["created"] = at
+        values["msecs"] = msecs
+        if uses_time:
+            if formatter.datefmt is not None:
+                values["asctime"] = formatter.formatTime(fields, formatter.datefmt)  # type: ignore[arg-type]
+            else:
+                if int(at) != second:
+                    second = int(at)
+                    stamp = time.strftime(formatter.default_time_format, formatter.converter(at))
+                msec_format = formatter.default_msec_format
+                values["asctime"] = msec_format % (stamp, msecs) if msec_format else stamp
+        out.append(formatter.formatMessage(fields) + handler.terminator)  # type: ignore[arg-type]
     handler.acquire()
     try:
-        text = "".join(handler.format(r) + handler.terminator for r in kept)
-        handler.stream.write(text)
+        handler.stream.write("".join(out))
         handler.flush()
     except Exception:  # as logging does: a broken stream never fails the gateway
-        handler.handleError(kept[0])
+        handler.handleError(_record(base, lines[0][0], lines[0][1]))
     finally:
         handler.release()

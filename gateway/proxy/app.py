@@ -22,14 +22,15 @@ from gateway.clock import Clock, wall_clock
 from gateway.config.policy import Policy, PolicySet, load_policies
 from gateway.config.settings import RESERVED_APPLICATION, Application, Settings
 from gateway.edge.connection import expects_continue, send_continue
-from gateway.edge.http1 import Request, Response, StreamResponse
+from gateway.edge.http1 import EMPTY, Request, Response, StreamResponse
 from gateway.edge.identity import ClientIdentity, IdentityCache
 from gateway.errors import ErrorCode, UpstreamError
-from gateway.limiter.base import Decision, Limiter, limiter_key
+from gateway.limiter.base import Decision, Limiter, Rate, limiter_key
 from gateway.limiter.fallback import DEGRADED, ResilientLimiter
 from gateway.outcome import Observer, Outcome
 from gateway.proxy import faults
 from gateway.proxy.forward import BodyTooLarge, Upstreams
+from gateway.proxy.replay import Replay
 from gateway.proxy.routing import NoRoute, Router, Target, route_by_body
 from gateway.proxy.status import SERVICE_NAMES, StatusService, status_form
 
@@ -58,7 +59,7 @@ class Gateway:
         )
         self.upstreams = Upstreams(settings)
         self.identities = IdentityCache()
-        self._request_ids = request_ids()
+        self.next_request_id = request_ids().__next__
         self._violations = faults.ViolationFaults()
         self.status = StatusService()  # /aup/v1/status and its SOAP form: never a call
         # Called with every finished call's Outcome: access log, metrics, ledger (ops/server.py
@@ -74,7 +75,7 @@ class Gateway:
 
     async def handle(self, request: Request) -> StreamResponse:
         started = time.perf_counter()
-        outcome = Outcome(next(self._request_ids), None, method=request.method)
+        outcome = Outcome(self.next_request_id(), None, method=request.method)
         try:
             response = await self._handle(request, outcome)
             if expects_continue(request) and not request.continued:
@@ -114,7 +115,7 @@ class Gateway:
                 self.limiter,
                 outcome.request_id,
             )
-            return self._respond(answer, outcome)
+            return self._respond(answer, outcome.request_id)
         target = self.router.route(
             request.method,
             path,
@@ -162,6 +163,8 @@ class Gateway:
         if policy is not None:
             decided = await self._decide(policy, identity, target, content_type, outcome)
             if isinstance(decided, StreamResponse):
+                if outcome.decision == "rejected" and not expects_continue(request):
+                    decided.replay = self._replay(request, policies, policy, target, outcome)
                 return decided
             rate_headers = decided
 
@@ -209,7 +212,7 @@ class Gateway:
         target: Target,
         content_type: str,
         outcome: Outcome,
-    ) -> StreamResponse | dict[str, str]:
+    ) -> Response | dict[str, str]:
         """Ask the limiter; the fault to send when the call is refused, else the `RateLimit-Policy`
         and `RateLimit` headers for the forwarded answer (none when the identity is exempt)."""
         outcome.policy = policy.name
@@ -252,6 +255,17 @@ class Gateway:
             del headers["Retry-After"]
             return headers
         outcome.decision = "rejected"
+        return self._violation(policy, rate, decision, target, content_type, outcome.request_id)
+
+    def _violation(
+        self,
+        policy: Policy,
+        rate: Rate,
+        decision: Decision,
+        target: Target,
+        content_type: str,
+        request_id: str,
+    ) -> Response:
         app = target.application
         fault = self._violations.fault(
             faults.shape_for(app, content_type),
@@ -261,11 +275,50 @@ class Gateway:
             decision=decision,
             application=app.name,
             service=target.service,
-            request_id=outcome.request_id,
+            request_id=request_id,
             status=app.fault_status,
             statuses=app.fault_statuses,
         )
-        return self._respond(fault, outcome)
+        return self._respond(fault, request_id)
+
+    def _replay(
+        self,
+        request: Request,
+        policies: PolicySet,
+        policy: Policy,
+        target: Target,
+        outcome: Outcome,
+    ) -> Replay | None:
+        """The rejection's Replay (proxy/replay.py): the connection may give the same answer
+        to the same request again without coming here, while the limiter refuses it at once."""
+        rate = (
+            policy.rate_for(outcome.identity.key(self.settings.identity))
+            if outcome.identity
+            else None
+        )
+        if rate is None:
+            return None
+        content_type = request.headers.get("Content-Type", "")
+        # The answer is rendered for a head like this one: same version, method and keep-alive.
+        head = Request(
+            request.method, "", request.version, request.headers, EMPTY, None, False, True
+        )
+
+        def render(decision: Decision, request_id: str) -> bytes:
+            response = self._violation(policy, rate, decision, target, content_type, request_id)
+            return response.serialize(head)
+
+        return Replay(
+            policies=policies,
+            current=lambda: self.policies,
+            limiter=self.limiter,
+            observers=self.observers,
+            request_id=self.next_request_id,
+            policy=policy,
+            rate=rate,
+            outcome=outcome,
+            render=render,
+        )
 
     def _identity(self, request: Request) -> ClientIdentity | None:
         identity: ClientIdentity | None = getattr(request.protocol, "identity", None)
@@ -298,11 +351,11 @@ class Gateway:
             statuses=app.fault_statuses if app is not None else "binding",
             now=self.clock(),
         )
-        return self._respond(fault, outcome)
+        return self._respond(fault, outcome.request_id)
 
-    def _respond(self, fault: faults.Fault, outcome: Outcome) -> Response:
+    def _respond(self, fault: faults.Fault, request_id: str) -> Response:
         response = Response(status=fault.status, headers=fault.headers, body=fault.body)
-        response.headers["X-Request-Id"] = outcome.request_id
+        response.headers["X-Request-Id"] = request_id
         response.headers["Server"] = self.settings.server_name
         return response
 
