@@ -20,7 +20,7 @@ from typing import Any
 from prometheus_client import Counter as PromCounter
 
 from gateway.clock import Clock, wall_clock
-from gateway.ops.metrics import GatewayMetrics
+from gateway.ops.metrics import CallCounter, GatewayMetrics
 
 log = logging.getLogger("gateway.history")
 MINUTE = 60
@@ -133,7 +133,7 @@ class History:
             await asyncio.sleep(self._step)
 
 
-def _calls(requests: PromCounter) -> Counter[tuple[str, str]]:
+def _calls(requests: CallCounter) -> Counter[tuple[str, str]]:
     """Cumulative calls by (application, forwarded | rejected); refused calls are left out."""
     totals: Counter[tuple[str, str]] = Counter()
     for family in requests.collect():

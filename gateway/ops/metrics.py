@@ -2,10 +2,13 @@
 
 Each Gateway gets its own `CollectorRegistry` (never the library's global one), so several
 gateways in one process (the tests) or a reload of the module never collide. The per-call cost is
-what matters: `observe()` runs for every finished call, so the labelled children are looked up
-once per label tuple and kept in plain dicts; a call costs a dict look-up and an `inc()` or
-`observe()` per metric. Service names come from request URLs, so the number of label sets per
-metric is bounded; past the bound, new services are counted under `service="_other"`.
+what matters: `observe()` runs for every finished call. The per-call series (requests,
+violations, durations, store and upstream) are `CallCounter` and `CallHistogram`: plain numbers
+that only the event loop writes, so an increment takes no lock (prometheus_client's own take one
+per increment: four to six per call), turned into the same metric families when Prometheus
+scrapes. Their labelled children are looked up once per label tuple and kept in plain dicts.
+Service names come from request URLs, so the number of label sets per metric is bounded; past
+the bound, new services are counted under `service="_other"`.
 
 What does not change per call (store state, loaded policies, ledger queue, the last reload) is
 read when Prometheus scrapes, by `StateCollector`, from callables the server hands it.
@@ -13,13 +16,21 @@ read when Prometheus scrapes, by `StateCollector`, from callables the server han
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from gateway.outcome import VIOLATIONS
 
@@ -65,6 +76,94 @@ LATENCY_BUCKETS = (
 )
 
 
+class _Count:
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self) -> None:
+        self.value += 1
+
+
+class _Observations:
+    __slots__ = ("bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket with le >= value
+        self.sum += value
+
+
+class CallCounter:
+    """A labelled counter of calls, exposed as prometheus_client's Counter is (`_total`,
+    `_created`). Only the event loop writes it."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, list(labels)
+        self._children: dict[tuple[str, ...], _Count] = {}
+
+    def child(self, *values: str) -> _Count:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _Count()
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value, created=child.created)
+        yield family
+
+
+class CallHistogram:
+    """A labelled histogram of call times, exposed as prometheus_client's Histogram is
+    (`_bucket`, `_count`, `_sum`). Only the event loop writes it."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str], buckets: tuple[float, ...]
+    ) -> None:
+        self.name, self.documentation, self.labels = name, documentation, list(labels)
+        self._bounds = buckets
+        # Each bound's `le` label as prometheus_client writes it (0.0005, 1.0, +Inf, ...).
+        self._les = [floatToGoString(b) for b in (*buckets, float("inf"))]  # type: ignore[no-untyped-call]
+        self._children: dict[tuple[str, ...], _Observations] = {}
+
+    def child(self, *values: str) -> _Observations:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _Observations(self._bounds)
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for values, child in list(self._children.items()):
+            cumulative, buckets = 0, []
+            for le, count in zip(self._les, child.counts, strict=True):
+                cumulative += count
+                buckets.append((le, float(cumulative)))
+            family.add_metric(list(values), buckets, child.sum)
+        yield family
+
+
+class _CallMetrics(Collector):
+    def __init__(self, metrics: Sequence[CallCounter | CallHistogram]) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []  # the names are fixed in GatewayMetrics; nothing to check in advance
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._metrics:
+            yield from metric.collect()
+
+
 @dataclass(frozen=True)
 class StateSources:
     """Where the scrape-time state comes from; each returns a JSON-like mapping or None."""
@@ -82,46 +181,54 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        self.requests = CallCounter(
             "aup_requests",
             "Finished calls by application, service and decision "
             "(forwarded, allowed, rejected, shadow, exempt, refused).",
             ["application", "service", "decision"],
-            registry=r,
         )
-        self.violations = Counter(
+        self.violations = CallCounter(
             "aup_violations",
             "Calls over a policy's limit: rejected (enforced) or shadow (recorded, let through).",
             ["policy", "application", "decision"],
-            registry=r,
         )
-        self.duration = Histogram(
+        self.duration = CallHistogram(
             "aup_request_duration_seconds",
             "Time from request to response, by decision.",
             ["decision"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.store_latency = Histogram(
+        self.store_latency = CallHistogram(
             "aup_store_latency_seconds",
             "Time one limiter decision took (store round trip, or the local fallback).",
-            buckets=STORE_BUCKETS,
-            registry=r,
+            [],
+            STORE_BUCKETS,
         )
-        self.upstream_responses = Counter(
+        self.upstream_responses = CallCounter(
             "aup_upstream_responses",
             "Upstream answers by application and HTTP status "
             "('error' when the upstream could not be reached or timed out).",
             ["application", "status"],
-            registry=r,
         )
-        self.upstream_latency = Histogram(
+        self.upstream_latency = CallHistogram(
             "aup_upstream_latency_seconds",
             "Time spent forwarding a call and relaying its answer, by application.",
             ["application"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
+        r.register(
+            _CallMetrics(
+                [
+                    self.requests,
+                    self.violations,
+                    self.duration,
+                    self.store_latency,
+                    self.upstream_responses,
+                    self.upstream_latency,
+                ]
+            )
+        )
+        self._store_latency = self.store_latency.child()
         self.reloads = Counter(
             "aup_policy_reloads",
             "Policy reload attempts by result (ok, failed).",
@@ -140,11 +247,8 @@ class GatewayMetrics:
             ["action"],
             registry=r,
         )
-        self._requests: dict[tuple[str, str, str], Any] = {}
-        self._violations: dict[tuple[str, str, str], Any] = {}
-        self._durations: dict[str, Any] = {}
-        self._upstream: dict[tuple[str, int], Any] = {}
-        self._upstream_latency: dict[str, Any] = {}
+        self._requests: dict[tuple[str, str, str], _Count] = {}
+        self._upstream: dict[tuple[str, int], _Count] = {}
         for result in ("ok", "failed"):
             self.reloads.labels(result)  # both series exist from the start, at 0
 
@@ -155,34 +259,23 @@ class GatewayMetrics:
         child = self._requests.get(key)
         if child is None:
             child = self._request_child(key)
-        child.inc()
-        duration = self._durations.get(decision)
-        if duration is None:
-            duration = self._durations[decision] = self.duration.labels(decision)
-        duration.observe(outcome.elapsed)
+        child.value += 1
+        self.duration.child(decision).observe(outcome.elapsed)
         if outcome.store_latency:
-            self.store_latency.observe(outcome.store_latency)
-        if decision in VIOLATIONS:
-            vkey = (outcome.policy, outcome.application, decision)
-            violation = self._violations.get(vkey)
-            if violation is None:  # policies and applications come from config: bounded
-                violation = self._violations[vkey] = self.violations.labels(*vkey)
-            violation.inc()
+            self._store_latency.observe(outcome.store_latency)
+        if decision in VIOLATIONS:  # policies and applications come from config: bounded
+            self.violations.child(outcome.policy, outcome.application, decision).value += 1
         status = outcome.upstream_status
         if status or outcome.upstream_failed:
             ukey = (outcome.application, status)
             upstream = self._upstream.get(ukey)
             if upstream is None:
-                upstream = self._upstream[ukey] = self.upstream_responses.labels(
+                upstream = self._upstream[ukey] = self.upstream_responses.child(
                     outcome.application, str(status) if status else "error"
                 )
-            upstream.inc()
+            upstream.value += 1
             if outcome.upstream_latency:
-                latency = self._upstream_latency.get(outcome.application)
-                if latency is None:
-                    latency = self._upstream_latency[outcome.application] = (
-                        self.upstream_latency.labels(outcome.application)
-                    )
+                latency = self.upstream_latency.child(outcome.application)
                 latency.observe(outcome.upstream_latency)
 
     def reload_result(self, ok: bool) -> None:
@@ -204,9 +297,9 @@ class GatewayMetrics:
             folded = (key[0], OTHER, key[2])
             child = self._requests.get(folded)
             if child is None:
-                child = self._requests[folded] = self.requests.labels(*folded)
+                child = self._requests[folded] = self.requests.child(*folded)
             return child
-        child = self._requests[key] = self.requests.labels(*key)
+        child = self._requests[key] = self.requests.child(*key)
         return child
 
 
