@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import ssl
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -42,12 +41,9 @@ class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
 
-    async def send(self, *pieces: bytes, pause: float = 0.0) -> None:
-        for piece in pieces:
-            self.writer.write(piece)
-            await self.writer.drain()
-            if pause:
-                await asyncio.sleep(pause)
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
 
     async def answer(self) -> tuple[int, dict[str, str], bytes]:
         head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 5)
@@ -76,6 +72,13 @@ async def connect() -> AsyncIterator[Callable[[Stack], Awaitable[Connection]]]:
     yield open_one
     for writer in opened:
         writer.close()
+
+
+async def refused_once(conn: Connection, call: bytes) -> Connection:
+    """`conn` after `call` was allowed once, then refused by the handler (1 per 5 s)."""
+    assert (await conn.call(call))[0] == 200
+    assert (await conn.call(call))[0] == 500
+    return conn
 
 
 @pytest.fixture
@@ -168,9 +171,7 @@ async def test_a_policy_reload_ends_the_replay(
     handled: list[str],
 ) -> None:
     stack = await stack_factory(OMS)
-    conn = await connect(stack)
-    assert (await conn.call(soap_call()))[0] == 200
-    assert (await conn.call(soap_call()))[0] == 500
+    conn = await refused_once(await connect(stack), soap_call())
     assert (await conn.call(soap_call()))[0] == 500  # replayed
     assert len(handled) == 2
     (stack.folder / "policies" / "main.yaml").write_text(
@@ -187,15 +188,13 @@ async def test_only_the_same_whole_request_in_one_read_is_replayed(
     handled: list[str],
 ) -> None:
     stack = await stack_factory(OMS)
-    conn = await connect(stack)
     call = soap_call()
-    assert (await conn.call(call))[0] == 200
-    assert (await conn.call(call))[0] == 500
+    conn = await refused_once(await connect(stack), call)
     assert len(handled) == 2
     # The body in a second read: the handler answers (at once, and then closes: the body was
     # not in when it answered).
-    head, body = call.split(b"\r\n\r\n", 1)
-    conn.writer.write(head + b"\r\n\r\n")
+    head = call[: call.index(b"\r\n\r\n") + 4]
+    await conn.send(head)
     status, headers, _ = await conn.answer()
     assert status == 500 and headers["Connection"] == "close" and len(handled) == 3
     conn = await connect(stack)
