@@ -51,6 +51,8 @@ class Scenario:
     def name(self) -> str:
         if self.target == "direct":
             return "direct upstream (nginx, mTLS)"
+        if self.target == "ceiling" and self.kind == "allowed":
+            return "forwarding ceiling: bare server of this design, mTLS, upstream pool"
         if self.target == "ceiling":
             return "ceiling: bare server of this design, mTLS, fixed fault"
         what = f"gateway {self.store}" if self.target == "gateway" else "nginx"
@@ -208,16 +210,18 @@ def targets(rows: Sequence[Row]) -> list[str]:
                 f"- {s.name}: the other identity's p99 {p99:.2f} ms "
                 f"(target < 10 ms: {_met(p99 < 10)})"
             )
-    ceiling = _find(rows, "ceiling", "rejected", 1)
-    gateway = _find(rows, "gateway", "rejected", 1, store="memory")
-    if ceiling is not None and ceiling.result is not None:
+    for kind in ("rejected", "allowed"):
+        ceiling = _find(rows, "ceiling", kind, 1)
+        gateway = _find(rows, "gateway", kind, 1, store="memory")
+        if ceiling is None or ceiling.result is None:
+            continue
         vs_nginx, _ = ratios(rows, ceiling)
-        line = f"- ceiling (no target): {ceiling.result.rps:,.0f} req/s"
+        line = f"- {ceiling.scenario.name} (no target): {ceiling.result.rps:,.0f} req/s"
         if vs_nginx is not None:
-            line += f", {vs_nginx:.2f}x nginx rejected"
+            line += f", {vs_nginx:.2f}x nginx {kind}"
         share = _ratio(gateway, ceiling) if gateway is not None else None
         if share is not None:
-            line += f"; the gateway's memory rejected row is {share:.2f}x the ceiling"
+            line += f"; the gateway's memory {kind} row is {share:.2f}x it"
         out.append(line)
     return out
 

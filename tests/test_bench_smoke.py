@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import ssl
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def test_issue_13_rows_are_in_the_bench() -> None:
         assert f"gateway {store} allowed, limit 1000000 per 1s" in names
         assert f"gateway {store} flood (other identity's allowed calls), realistic" in names
     assert "ceiling: bare server of this design, mTLS, fixed fault" in names
+    assert "forwarding ceiling: bare server of this design, mTLS, upstream pool" in names
     assert len({s.slug for s in SCENARIOS}) == len(SCENARIOS)  # one log file per row
 
 
@@ -176,6 +178,7 @@ def test_targets_say_met_or_not_met_and_keep_the_issue_targets() -> None:
         _row(Scenario("gateway", "allowed", "memory", policy="long-log"), 7_000, 3.0),
         _row(Scenario("gateway", "flood", "memory", config="realistic"), 500, 9.0),
         _row(Scenario("ceiling", "rejected"), 20_000, 2.0),
+        _row(Scenario("ceiling", "allowed"), 21_000, 2.0),
     ]
     lines = targets(rows)
     text = "\n".join(lines)
@@ -187,7 +190,8 @@ def test_targets_say_met_or_not_met_and_keep_the_issue_targets() -> None:
     assert "0.93x the 1-worker memory-store row (target ≥ 0.9x: met)" in text
     assert "0.70x the limit 1000 per 1ms row (target ≥ 0.8x: not met)" in text
     assert "the other identity's p99 9.00 ms (target < 10 ms: met)" in text
-    assert "the gateway's memory rejected row is 0.70x the ceiling" in text
+    assert "the gateway's memory rejected row is 0.70x it" in text
+    assert "the gateway's memory allowed row is 1.00x it" in text
 
 
 async def test_the_ceiling_server_answers_a_fault_over_mutual_tls(
@@ -213,9 +217,14 @@ async def test_the_ceiling_server_answers_a_fault_over_mutual_tls(
                 break
             except OSError:
                 await asyncio.sleep(0.1)
-        writer.write(b"POST /sst/oms/X HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-        status = await reader.readline()
-        assert status.startswith(b"HTTP/1.1 500")
+        call = b"POST /sst/oms/X HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        for _ in range(3):  # the first answered by its handler, the rest replayed
+            writer.write(call)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 500")
+            length = re.search(rb"Content-Length: (\d+)", head)
+            assert length is not None
+            assert b"Acceptable Use Policy" in await reader.readexactly(int(length[1]))
         writer.close()
         # Without a client certificate the handshake is refused.
         bare = ssl.create_default_context(cafile=str(certs.ca))

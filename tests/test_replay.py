@@ -14,8 +14,11 @@ from typing import Any
 
 import pytest
 
+from gateway.limiter.base import Decision
 from gateway.ops.ledger import Query
 from gateway.proxy.app import Gateway
+from gateway.proxy.faults import iso_time
+from gateway.proxy.replay import Render, Templates
 from tests.support.stack import DRRS, ENVELOPE, OMS, SOAP11, Stack, StackFactory
 
 RETRIEVE = "/sst/oms/RetrieveCurrentOutages_OMSv1_AP"
@@ -212,3 +215,28 @@ async def test_only_the_same_whole_request_in_one_read_is_replayed(
     assert len(handled) == 7
     # A service not refused, on the same connection: forwarded.
     assert (await conn.call(soap_call("/sst/oms/SubmitOutage_OMSv1_AP")))[0] == 200
+
+
+def test_a_template_is_used_only_when_two_renderings_agree() -> None:
+    def render(extra: Callable[[str], bytes]) -> Render:
+        def answer(decision: Decision, request_id: str) -> bytes:
+            return (
+                b"HTTP/1.1 500 Internal Server Error\r\nX-Request-Id: "
+                + request_id.encode()
+                + b"\r\nDate: Sat, 05 Dec 2026 15:00:00 GMT\r\n\r\n<id>%b</id><t>%b</t>%b"
+                % (request_id.encode(), iso_time(decision.now).encode(), extra(request_id))
+            )
+
+        return answer
+
+    templates = Templates()
+    agreed = templates.get(("same", 5), render(lambda _: b"<wait>5</wait>"))
+    assert agreed is not None
+    filled = agreed % {b"i": b"ID", b"t": b"T", b"d": b"D"}
+    assert filled == (
+        b"HTTP/1.1 500 Internal Server Error\r\nX-Request-Id: ID\r\nDate: D\r\n\r\n"
+        b"<id>ID</id><t>T</t><wait>5</wait>"
+    )
+    # Text that changes with something other than the id and the time (here, a marker-like
+    # string that is not the id): never replayed.
+    assert templates.get(("odd", 5), render(lambda rid: rid[-1:].encode())) is None

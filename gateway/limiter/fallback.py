@@ -190,6 +190,12 @@ class ResilientLimiter:
             cached = self._cached_lock(key, rate)
             if cached is not None:
                 return cached, "cache"
+        local = self._local
+        if local is not None and self._open_until is None:
+            # This process's memory: decided here and now, without the coroutines of a store
+            # call (it never fails, so the breaker never opens).
+            self.store_calls += 1
+            return local.decide_now(key, rate, local.now() if now is None else now), "store"
         decision = await self._store_decide(key, rate, now)
         if decision is None:
             return self._degraded(key, rate, now, on_error or self.mode)

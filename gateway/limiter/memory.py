@@ -50,6 +50,9 @@ class MemoryLimiter:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def now(self) -> float:
+        return self._clock()
+
     async def decide(self, key: str, rate: Rate, now: float | None = None) -> Decision:
         return self.decide_now(key, rate, self._clock() if now is None else now)
 

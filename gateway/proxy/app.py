@@ -30,7 +30,7 @@ from gateway.limiter.fallback import DEGRADED, ResilientLimiter
 from gateway.outcome import Observer, Outcome
 from gateway.proxy import faults
 from gateway.proxy.forward import BodyTooLarge, Upstreams
-from gateway.proxy.replay import Replay
+from gateway.proxy.replay import Replay, Templates
 from gateway.proxy.routing import NoRoute, Router, Target, route_by_body
 from gateway.proxy.status import SERVICE_NAMES, StatusService, status_form
 
@@ -61,6 +61,7 @@ class Gateway:
         self.identities = IdentityCache()
         self.next_request_id = request_ids().__next__
         self._violations = faults.ViolationFaults()
+        self._replays = Templates()  # rejections' answers, as repeated requests get them
         self.status = StatusService()  # /aup/v1/status and its SOAP form: never a call
         # Called with every finished call's Outcome: access log, metrics, ledger (ops/server.py
         # adds them). They must not block; anything slow is queued by the observer itself.
@@ -318,6 +319,16 @@ class Gateway:
             rate=rate,
             outcome=outcome,
             render=render,
+            templates=self._replays,
+            says=(
+                policy.name,
+                rate,
+                target.application.name,
+                target.service,
+                content_type,
+                request.method,
+                request.version,
+            ),
         )
 
     def _identity(self, request: Request) -> ClientIdentity | None:

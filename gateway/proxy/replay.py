@@ -37,13 +37,41 @@ Render = Callable[[Decision, str], bytes]
 # Two request ids as long as real ones, made of characters no escaping changes, and two times.
 _MARKS = ("@" * 35 + "a", "@" * 35 + "b")
 _TIMES = (0.0, 1.0)
-_WAITS_KEPT = 64  # distinct waits rendered per replay (a policy's window in whole seconds)
+_WAITS_KEPT = 64  # distinct waits a replay keeps at hand (a policy's window in whole seconds)
+
+
+class Templates:
+    """Every replay's answers, rendered once per what they say and per wait, and shared by all
+    connections (the same fault for the same head from many connections is kept once)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._kept: dict[tuple[object, ...], bytes | None] = {}
+
+    def get(self, key: tuple[object, ...], render: Render) -> bytes | None:
+        """The template for `key` (what the answer says, its wait last), rendered if new; None
+        when two renderings disagree."""
+        if key in self._kept:
+            return self._kept[key]
+        wait = key[-1]
+        assert isinstance(wait, int)
+        decisions = (Decision(False, float(wait), 0, float(wait), at) for at in _TIMES)
+        first, second = (
+            _template(render(decision, mark), mark, at)
+            for decision, mark, at in zip(decisions, _MARKS, _TIMES, strict=True)
+        )
+        template = first if first == second else None
+        if len(self._kept) >= self._size:  # heads and services come from clients: bounded
+            self._kept.clear()
+        self._kept[key] = template
+        return template
 
 
 class Replay:
     """One rejected request's answer, ready to be given again (see the module docstring)."""
 
     __slots__ = (
+        "_answers",
         "_current",
         "_key",
         "_limiter",
@@ -53,6 +81,7 @@ class Replay:
         "_rate",
         "_render",
         "_request_id",
+        "_says",
         "_templates",
     )
 
@@ -68,7 +97,12 @@ class Replay:
         rate: Rate,
         outcome: Outcome,
         render: Render,
+        templates: Templates,
+        says: tuple[object, ...],
     ) -> None:
+        """`render` makes the whole answer for a decision and a request id; `says` is what
+        makes one answer differ from another but for the wait (policy, rate, service, shape,
+        the head's method and version...), its key in the shared `templates`."""
         assert outcome.key and outcome.policy == policy.name
         self._policies = policies
         self._current = current
@@ -79,7 +113,9 @@ class Replay:
         self._rate = rate
         self._outcome = outcome  # the first rejection's: who, what, which policy and status
         self._render = render
-        self._templates: dict[int, bytes | None] = {}
+        self._templates = templates
+        self._says = (policies.version, *says)
+        self._answers: dict[int, bytes | None] = {}  # by wait: this replay's look-ups, kept
 
     def __call__(self) -> bytes | None:
         """The answer for one more call of the same request, or None: ask the handler."""
@@ -91,9 +127,11 @@ class Replay:
             return None
         asked = time.perf_counter()
         wait = retry_after_seconds(decision.retry_after)
-        template = self._templates.get(wait, b"")
+        template = self._answers.get(wait, b"")
         if template == b"":
-            template = self._template(wait)
+            template = self._templates.get((*self._says, wait), self._render)
+            if len(self._answers) < _WAITS_KEPT:
+                self._answers[wait] = template
         if template is None:  # renderings disagreed: the handler answers (and counts) it
             return None
         request_id = self._request_id()
@@ -121,18 +159,6 @@ class Replay:
         for observe in self._observers:
             observe(outcome)
         return answer
-
-    def _template(self, wait: int) -> bytes | None:
-        templates = [
-            _template(
-                self._render(Decision(False, float(wait), 0, float(wait), at), mark), mark, at
-            )
-            for mark, at in zip(_MARKS, _TIMES, strict=True)
-        ]
-        template = templates[0] if templates[0] == templates[1] else None
-        if len(self._templates) < _WAITS_KEPT:
-            self._templates[wait] = template
-        return template
 
 
 def _template(answer: bytes, request_id: str, at: float) -> bytes:
