@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from gateway.limiter.base import Decision
 from gateway.ops.ledger import Query
@@ -240,3 +241,36 @@ def test_a_template_is_used_only_when_two_renderings_agree() -> None:
     # Text that changes with something other than the id and the time (here, a marker-like
     # string that is not the id): never replayed.
     assert templates.get(("odd", 5), render(lambda rid: rid[-1:].encode())) is None
+
+
+async def test_a_repeated_head_is_not_parsed_again_but_carries_its_own_body(
+    stack_factory: StackFactory, connect: Callable[[Stack], Awaitable[Connection]]
+) -> None:
+    """The same head again, whole in one read, skips the parser (edge/connection.py `_repeat`):
+    each call still reaches the upstream with its own body and gets its own answer."""
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(body=await request.read(), content_type="text/xml")
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", echo)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        stack = await stack_factory("policies: []\n", oms_port=runner.addresses[0][1])
+        conn = await connect(stack)
+        head = (
+            f"POST {RETRIEVE} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {SOAP11}\r\n"
+            "Content-Length: 8\r\n\r\n"
+        ).encode()
+        for body in (b"<a>1</a>", b"<b>2</b>", b"<c>3</c>", b"<a>1</a>"):
+            status, _, answer = await conn.call(head + body)
+            assert (status, answer) == (200, body)
+        # A body that does not match the known length: parsed as usual, and framed by its head.
+        await conn.send(head + b"<d>4</d><e>5</e>")
+        status, _, answer = await conn.answer()
+        assert (status, answer) == (200, b"<d>4</d>")
+    finally:
+        await runner.cleanup()

@@ -76,8 +76,8 @@ _QUOTED = re.compile(r"b?'([^']*)'|b?\"([^\"]*)\"|`([^`]*)`")
 _PLAIN_NAME = re.compile(r"^[A-Za-z-]{1,30}$")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
-_REPLAYS_KEPT = 16  # distinct rejected heads per connection answered by a Replay
-_REPLAY_MAX_BODY = 64 * 1024  # a request replayed comes whole in one read: a small one
+_HEADS_KEPT = 8  # distinct request heads per connection known (parsed once, maybe replayed)
+_KNOWN_MAX_BODY = 64 * 1024  # a known request comes whole in one read: a small one
 # Headers that mean one thing only once (RFC 9110 §5.3): a second one is refused, never chosen.
 _SINGLETONS = frozenset(
     (
@@ -204,6 +204,34 @@ class GuardedRunner(web.BaseRunner):
         pass
 
 
+class _Known:
+    """A request head parsed before on a connection: what a Request is made of but its body,
+    the body's length, and the Replay that answers it again while its call is refused."""
+
+    __slots__ = (
+        "body_exists",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "length",
+        "method",
+        "raw_path",
+        "replay",
+        "version",
+    )
+
+    def __init__(self, request: Request, length: int) -> None:
+        self.method = request.method
+        self.raw_path = request.raw_path
+        self.version = request.version
+        self.headers = request.headers  # never changed by the handler: shared by every repeat
+        self.content_length = request.content_length
+        self.body_exists = request.body_exists
+        self.keep_alive = request.keep_alive
+        self.length = length
+        self.replay: Replay | None = None
+
+
 class _Refused(Exception):
     """A parser callback found a limit passed: (status, code, message) for the answer."""
 
@@ -238,8 +266,8 @@ class GuardedProtocol(asyncio.Protocol):
         self._dead = False  # the parser failed or the connection upgraded: read no more
         self._between = True  # the parser is between messages (none begun)
         self._head: bytes | None = None  # the exact head of the request being parsed, if known
-        # Rejections to give again to the same exact request: head -> (Replay, body length)
-        self._replays: dict[bytes, tuple[Replay, int]] | None = None
+        # Heads parsed before on this connection, by their exact bytes (see `_repeat`)
+        self._known: dict[bytes, _Known] | None = None
         # Answering, in order
         self._queue: deque[Request | bytes] = deque()  # bytes: a prepared error, then close
         self._current: Request | None = None
@@ -324,11 +352,11 @@ class GuardedProtocol(asyncio.Protocol):
         if self._dead:
             return
         if self._between:
-            # A request starts here: its exact head is kept for `_keep_replay`, and a request
-            # seen (and refused) before on this connection, whole in this read, may be replayed.
+            # A request starts here: its exact head is kept (`_know`), and a request seen before
+            # on this connection, whole in this read, needs no parsing (`_repeat`).
             end = data.find(b"\r\n\r\n") + 4
             self._head = data[:end] if end > 3 else None
-            if self._replays is not None and self._head is not None and self._replay(data, end):
+            if self._known is not None and self._head is not None and self._repeat(data, end):
                 return
         if self._body is None:
             self._head_bytes = True
@@ -436,6 +464,8 @@ class GuardedProtocol(asyncio.Protocol):
             self.transport,
             self._head,
         )
+        if self._head is not None:
+            self._know(self._head, request)
         self._head = None  # a pipelined request after it in the same read has its own head
         if body_exists:
             self._body = body
@@ -444,6 +474,9 @@ class GuardedProtocol(asyncio.Protocol):
             else:
                 self._body_deadline = self._loop.time() + self._read_timeout
                 self._arm(self._body_deadline)
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
         self._queue.append(request)
         if self._task is None:
             self._task = self._loop.create_task(self._serve())
@@ -465,24 +498,59 @@ class GuardedProtocol(asyncio.Protocol):
             if self._held is body:
                 self._held = None
 
-    def _replay(self, data: bytes, end: int) -> bool:
-        """Answer `data`, one whole request, with the Replay of an earlier rejection of the same
-        bytes on this connection (proxy/replay.py), if it still refuses. The parser never sees
-        it: it stays between messages, as it would after parsing it."""
-        assert self._replays is not None and self._head is not None
-        entry = self._replays.get(self._head)
-        if entry is None or len(data) - end != entry[1]:
-            return False
-        if self._current is not None or self._queue or self._closing:
-            return False  # answers go in order; a closing connection answers through _serve
-        answer = entry[0]()
-        if answer is None:  # not refused at once any more (or policies reloaded): the handler
-            del self._replays[self._head]
+    def _know(self, head: bytes, request: Request) -> None:
+        """Keep a parsed head by its exact bytes, when a repeat of it can come whole in one
+        read: a body of a known, small length (not chunked), and no `Expect` (its client
+        waits for `100 Continue` before it sends the body)."""
+        length = request.content_length or 0
+        if length > _KNOWN_MAX_BODY or (request.body_exists and request.content_length is None):
+            return
+        if "Expect" in request.headers:
+            return
+        if self._known is None or len(self._known) >= _HEADS_KEPT:
+            self._known = {}
+        self._known[head] = _Known(request, length)
+
+    def _repeat(self, data: bytes, end: int) -> bool:
+        """`data` is one whole request whose head (`data[:end]`) was parsed before on this
+        connection: the same bytes mean the same to llhttp, so the parser is skipped (it stays
+        between messages, as after parsing it) and the request is made from the known head. If
+        it was refused then and its Replay still refuses (proxy/replay.py), that is the answer;
+        else the handler answers it, in order, as any other."""
+        assert self._known is not None and self._head is not None
+        head = self._head
+        known = self._known.get(head)
+        if known is None or len(data) - end != known.length or self._closing:
             return False
         self._head = None
-        self.write(answer)
-        self._idle_deadline = self._loop.time() + self._limits.idle_timeout
-        self._arm(self._idle_deadline)
+        if known.replay is not None and self._current is None and not self._queue:
+            answer = known.replay()
+            if answer is not None:
+                self.write(answer)
+                self._idle_deadline = self._loop.time() + self._limits.idle_timeout
+                self._arm(self._idle_deadline)
+                return True
+            known.replay = None  # not refused at once any more (or policies reloaded)
+        body = EMPTY
+        if known.body_exists:
+            body = Body(self, eof=True)
+            body.feed(data[end:])
+        self._idle_deadline = None
+        self._enqueue(
+            Request(
+                known.method,
+                known.raw_path,
+                known.version,
+                known.headers,
+                body,
+                known.content_length,
+                known.body_exists,
+                known.keep_alive,
+                self,
+                self.transport,
+                head,
+            )
+        )
         return True
 
     def _refuse(self, status: int, code: ErrorCode, message: str) -> _Refused:
@@ -570,16 +638,10 @@ class GuardedProtocol(asyncio.Protocol):
         return response.close or not request.content.received()
 
     def _keep_replay(self, request: Request, replay: Replay) -> None:
-        """Keep a rejection's Replay for the same request's exact bytes: a head as parsed, a
-        body of a known small length (a replayed request must come whole in one read)."""
-        length = request.content_length or 0
-        if request.head is None or not request.content.received() or length > _REPLAY_MAX_BODY:
-            return
-        if request.body_exists and request.content_length is None:
-            return  # chunked: its length is not in its head
-        if self._replays is None or len(self._replays) >= _REPLAYS_KEPT:
-            self._replays = {}
-        self._replays[request.head] = (replay, length)
+        """Keep a rejection's Replay with its request's known head (see `_repeat`)."""
+        known = self._known.get(request.head) if self._known and request.head else None
+        if known is not None and request.content.received():
+            known.replay = replay
 
     def _refusal_answer(self, request: Request) -> bytes:
         content_type = request.headers.get("Content-Type", "")
