@@ -188,7 +188,7 @@ async def test_without_now_the_store_clock_decides(limiter: ResilientLimiter) ->
 async def test_large_limit_stays_exact_under_bursts(limiter: ResilientLimiter) -> None:
     """10,000 per second, hit by bursts larger than the limit: exactly N allowed in any window,
     the retry time from the oldest call, and freed slots counted to the call (the sorted-set and
-    deque layouts must keep every call, not an approximation)."""
+    list layouts must keep every call, not an approximation)."""
     n, per = 10_000, 1.0
     rate = Rate(limit=n, per=per)
     allowed_at: list[float] = []

@@ -2,13 +2,15 @@
 
 Entries live in an OrderedDict ordered by last touch. Every decision drops a few expired entries
 from the cold end, so memory tracks the keys active within the longest window, and the cost of a
-decision stays flat however many keys are live. A key's calls are a deque, oldest first: expired
-calls leave from the left once each, so a decision costs the same for a limit of 1 or 1,000,000.
+decision stays flat however many keys are live. A key's calls are a list, oldest first, and the
+index of the oldest still in the window: expired calls are stepped over once each and cut off
+when they are half the list, so a decision costs the same for a limit of 1 or 1,000,000 (and a
+key costs a short list, not a deque's 600-byte block).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from gateway.clock import Clock, wall_clock
@@ -18,13 +20,29 @@ _SWEEP_PER_CALL = 4
 
 
 class _Entry:
-    __slots__ = ("calls", "expires_at", "locked_until", "rate")
+    __slots__ = ("calls", "expires_at", "first", "locked_until", "rate")
 
     def __init__(self) -> None:
-        self.calls: deque[float] = deque()
+        self.calls: list[float] = []  # allowed calls, oldest first; those before `first` expired
+        self.first = 0
         self.locked_until = 0.0
         self.expires_at = 0.0
         self.rate: Rate | None = None
+
+    def expire(self, horizon: float) -> int:
+        """Step over calls at or before `horizon`; how many are left in the window."""
+        calls, first = self.calls, self.first
+        end = len(calls)
+        while first < end and calls[first] <= horizon:
+            first += 1
+        if first and first * 2 >= end:  # at least half expired: cut them off (amortised O(1))
+            del calls[:first]
+            first = 0
+        self.first = first
+        return len(calls) - first
+
+    def window(self) -> list[float]:
+        return self.calls[self.first :]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,27 +85,26 @@ class MemoryLimiter:
             entries.move_to_end(key)
         entry.rate = rate
         window = rate.per
+        count = entry.expire(t - window)
         calls = entry.calls
-        horizon = t - window
-        while calls and calls[0] <= horizon:
-            calls.popleft()
 
         if t < entry.locked_until:
             allowed, retry_after = False, entry.locked_until - t
-        elif len(calls) < rate.limit:
+        elif count < rate.limit:
             allowed, retry_after = True, 0.0
             calls.append(t)
+            count += 1
         else:
-            allowed, retry_after = False, calls[0] + window - t
+            allowed, retry_after = False, calls[entry.first] + window - t
         if not allowed and rate.reset_on_early_retry:
             entry.locked_until = t + window
             retry_after = window
 
-        free_at = max(calls[-1] + window if calls else t, entry.locked_until)
+        free_at = max(calls[-1] + window if count else t, entry.locked_until)
         entry.expires_at = free_at
         if free_at <= t:
             del entries[key]
-        remaining = 0 if t < entry.locked_until else max(rate.limit - len(calls), 0)
+        remaining = 0 if t < entry.locked_until else max(rate.limit - count, 0)
         return Decision(allowed, retry_after, remaining, max(free_at - t, 0.0), t)
 
     def refuse_now(self, key: str, rate: Rate, now: float | None = None) -> Decision | None:
@@ -97,10 +114,7 @@ class MemoryLimiter:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        calls, horizon = entry.calls, t - rate.per
-        while calls and calls[0] <= horizon:
-            calls.popleft()
-        if t < entry.locked_until or len(calls) >= rate.limit:
+        if t < entry.locked_until or entry.expire(t - rate.per) >= rate.limit:
             return self.decide_now(key, rate, t)
         return None
 
@@ -110,10 +124,8 @@ class MemoryLimiter:
         if entry is None or entry.expires_at <= t:
             return KeyState(0, 0.0, 0.0, t)
         # Oldest first: skip the expired head rather than copy the (possibly long) window.
-        calls, horizon, expired = entry.calls, t - rate.per, 0
-        for c in calls:
-            if c > horizon:
-                break
+        calls, horizon, expired = entry.calls, t - rate.per, entry.first
+        while expired < len(calls) and calls[expired] <= horizon:
             expired += 1
         count = len(calls) - expired
         locked_until = entry.locked_until if entry.locked_until > t else 0.0
@@ -159,7 +171,7 @@ class MemoryLimiter:
             rate = entry.rate
             if rate is None or entry.expires_at <= t:
                 continue
-            calls = tuple(c for c in entry.calls if c > t - rate.per)
+            calls = tuple(c for c in entry.window() if c > t - rate.per)
             locked_until = entry.locked_until if entry.locked_until > t else 0.0
             if calls or locked_until:
                 taken.append(LocalState(key, rate, calls, locked_until))
@@ -174,7 +186,7 @@ class MemoryLimiter:
             if entry is None:
                 entry = self._entries[state.key] = _Entry()
             entry.rate = state.rate
-            entry.calls = deque(sorted({*entry.calls, *state.calls}))
+            entry.calls, entry.first = sorted({*entry.window(), *state.calls}), 0
             entry.locked_until = max(entry.locked_until, state.locked_until)
             ends = entry.calls[-1] + state.rate.per if entry.calls else 0.0
             entry.expires_at = max(entry.expires_at, entry.locked_until, ends)
