@@ -274,3 +274,20 @@ async def test_a_repeated_head_is_not_parsed_again_but_carries_its_own_body(
         assert (status, answer) == (200, b"<d>4</d>")
     finally:
         await runner.cleanup()
+
+
+async def test_empty_lines_before_a_request_never_make_a_known_head(
+    stack_factory: StackFactory, connect: Callable[[Stack], Awaitable[Connection]]
+) -> None:
+    """llhttp skips empty lines before a request line; a head taken from the first blank line
+    would be just those, and a later read of them plus eight bytes would be made into the
+    request seen before. The same bytes must mean to the gateway what they mean to llhttp."""
+    stack = await stack_factory("policies: []\n")
+    conn = await connect(stack)
+    body = ENVELOPE.format(op="RetrieveCurrentOutages").encode()
+    call = soap_call()
+    assert (await conn.call(b"\r\n\r\n" + call))[0] == 200
+    # The same blank lines and a body of the first call's length: no request for llhttp.
+    await conn.send(b"\r\n\r\n" + b"X" * len(body))
+    status, _, _ = await conn.answer()
+    assert status == 400

@@ -354,8 +354,10 @@ class GuardedProtocol(asyncio.Protocol):
         if self._between:
             # A request starts here: its exact head is kept (`_know`), and a request seen before
             # on this connection, whole in this read, needs no parsing (`_repeat`).
+            # It starts with its method: llhttp also skips empty lines before a request, and
+            # those would make the first blank line the wrong end of the head.
             end = data.find(b"\r\n\r\n") + 4
-            self._head = data[:end] if end > 3 else None
+            self._head = data[:end] if end > 3 and data[:1].isupper() else None
             if self._known is not None and self._head is not None and self._repeat(data, end):
                 return
         if self._body is None:
