@@ -34,6 +34,12 @@ Each connection has at most one timer, re-armed lazily: bytes arriving only move
 `Expect: 100-continue` (RFC 9110 §10.1.1) is answered here, but only when the handler says so
 (`send_continue`): the gateway must decide first, so a refused call gets its fault before the
 client sends its body.
+
+Clients repeat themselves: a connection keeps the heads it parsed (a few, by their exact bytes).
+A read that is exactly a known head and a body of its length is one whole request that llhttp
+would parse the same way again, so it is made into a Request without the parser; and if that
+request was refused, the rejection's Replay (proxy/replay.py) may answer it at once, without the
+handler, while the limiter still refuses it.
 """
 
 from __future__ import annotations
