@@ -7,7 +7,8 @@ call; what is left of a `make bench` row's CPU per call is the TLS layer's and t
     python -m bench.hotpath [--calls 20000] [--profile]
 
 `--profile` prints cProfile's top 25 for each row (cProfile slows every Python call, so its
-times are shares, not costs).
+times are shares, not costs). The access log is formatted and written to /dev/null, or to the
+file named by HOTPATH_LOG.
 """
 
 from __future__ import annotations
