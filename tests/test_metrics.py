@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from gateway.ops import metrics
 from gateway.ops.metrics import LATENCY_BUCKETS, STORE_BUCKETS, CallCounter, CallHistogram
+from gateway.outcome import Outcome
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -55,3 +58,19 @@ def test_call_metrics_expose_what_prometheus_client_would() -> None:
 
     assert samples(ours) == samples(theirs)
     assert samples(ours)[("aup_calls_total", (("decision", "rejected"),))] == 7
+
+
+def test_services_past_the_series_bound_are_counted_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Service names come from URLs: past MAX_SERIES label sets, new ones go to `_other`."""
+    monkeypatch.setattr(metrics, "MAX_SERIES", 3)
+    m = metrics.GatewayMetrics()
+    for service in ("a", "b", "c", "d", "e", "a"):
+        m.observe(Outcome("r", None, "OMS", service, "forwarded"))
+    counted = {
+        dict(labels)["service"]: value
+        for (name, labels), value in samples(m.registry).items()
+        if name == "aup_requests_total"
+    }
+    assert counted == {"a": 2, "b": 1, "c": 1, metrics.OTHER: 2}

@@ -109,6 +109,13 @@ class CallCounter:
         self.name, self.documentation, self.labels = name, documentation, list(labels)
         self._children: dict[tuple[str, ...], _Count] = {}
 
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def known(self, values: tuple[str, ...]) -> _Count | None:
+        """The child of these label values if it exists already."""
+        return self._children.get(values)
+
     def child(self, *values: str) -> _Count:
         child = self._children.get(values)
         if child is None:
@@ -247,7 +254,7 @@ class GatewayMetrics:
             ["action"],
             registry=r,
         )
-        self._requests: dict[tuple[str, str, str], _Count] = {}
+        # By (application, status as a number): no str(status) per call.
         self._upstream: dict[tuple[str, int], _Count] = {}
         for result in ("ok", "failed"):
             self.reloads.labels(result)  # both series exist from the start, at 0
@@ -256,7 +263,7 @@ class GatewayMetrics:
         """The observer: count one finished call."""
         decision = outcome.decision
         key = (outcome.application, outcome.service, decision)
-        child = self._requests.get(key)
+        child = self.requests.known(key)
         if child is None:
             child = self._request_child(key)
         child.value += 1
@@ -291,16 +298,11 @@ class GatewayMetrics:
         """Expose the scrape-time state (store, policies, ledger, draining)."""
         self.registry.register(StateCollector(sources))
 
-    def _request_child(self, key: tuple[str, str, str]) -> Any:
+    def _request_child(self, key: tuple[str, str, str]) -> _Count:
         # Service names come from URLs: past MAX_SERIES label sets, new ones are folded together.
-        if len(self._requests) >= MAX_SERIES:
-            folded = (key[0], OTHER, key[2])
-            child = self._requests.get(folded)
-            if child is None:
-                child = self._requests[folded] = self.requests.child(*folded)
-            return child
-        child = self._requests[key] = self.requests.child(*key)
-        return child
+        if len(self.requests) >= MAX_SERIES:
+            key = (key[0], OTHER, key[2])
+        return self.requests.child(*key)
 
 
 class StateCollector(Collector):
